@@ -1,0 +1,1 @@
+"""ascent_jax: machine-unlearning research at ensemble scale in JAX."""
