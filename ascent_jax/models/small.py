@@ -1,0 +1,43 @@
+"""CPU-sized models for Fashion-MNIST: an MLP and a small CNN (no batch norm)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from ascent_jax.models.layers import conv, dense, max_pool_2x2
+
+
+class MLP(nn.Module):
+    """Flatten -> [Dense -> ReLU] x len(hidden) -> Dense."""
+
+    num_classes: int = 10
+    hidden: tuple[int, ...] = (256,)
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool, mask=None):
+        x = x.reshape(x.shape[0], -1)
+        for width in self.hidden:
+            x = nn.relu(dense(width, x.shape[-1], dtype=self.dtype)(x))
+        return dense(self.num_classes, x.shape[-1], dtype=self.dtype)(x)
+
+
+class SmallCNN(nn.Module):
+    """[conv 3x3 -> ReLU -> max-pool 2] per width, then Dense(hidden) -> ReLU -> Dense."""
+
+    num_classes: int = 10
+    widths: tuple[int, ...] = (16, 32)
+    hidden: int = 128
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool, mask=None):
+        for width in self.widths:
+            x = conv(width, 3, fan_in=9 * x.shape[-1], use_bias=True, dtype=self.dtype)(x)
+            x = max_pool_2x2(nn.relu(x))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(dense(self.hidden, x.shape[-1], dtype=self.dtype)(x))
+        return dense(self.num_classes, self.hidden, dtype=self.dtype)(x)

@@ -1,0 +1,251 @@
+"""Pretraining (and oracle retraining): the papers' SGD recipe as a pure single-model step.
+
+``train_step(state, batch)`` updates ONE model; ``make_epoch`` scans it over a shuffled
+epoch inside one jitted program; :func:`train_ensemble` hands both to the ensemble boundary
+(:func:`ascent_jax.ensemble.run`), which vmaps them over members, chunks, shards and resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ascent_jax import batches, ensemble
+from ascent_jax.models import Model
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Training recipe; defaults are "Ascent Fails to Forget"'s ResNet-9 CIFAR-10 recipe.
+
+    SGD (momentum 0.9) with weight decay 5e-4 added to the gradient (PyTorch semantics), batch
+    512, 24 epochs, learning rate linearly 0 -> ``peak_lr`` at ``peak_fraction`` of training
+    (epoch 5 of 24) -> 0 at the end, interpolated per step. ``schedule="cosine"`` is the
+    single-peak cosine of the datamodel-matching paper (App. D) with the same peak position.
+    """
+
+    epochs: int = 24
+    batch_size: int = 512
+    peak_lr: float = 0.4
+    peak_fraction: float = 5 / 24
+    schedule: str = "triangular"
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    flip: bool = False
+    crop_padding: int = 0
+    drop_last: bool = False
+
+    def __post_init__(self):
+        checks = [
+            (self.epochs > 0, f"epochs must be positive, got {self.epochs}"),
+            (self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}"),
+            (math.isfinite(self.peak_lr) and self.peak_lr > 0, f"peak_lr must be a positive finite number, got {self.peak_lr}"),
+            (0 < self.peak_fraction < 1, f"peak_fraction must lie in (0, 1), got {self.peak_fraction}"),
+            (self.schedule in ("triangular", "cosine"), f"schedule must be 'triangular' or 'cosine', got {self.schedule!r}"),
+            (0 <= self.momentum < 1, f"momentum must lie in [0, 1), got {self.momentum}"),
+            (self.weight_decay >= 0, f"weight_decay must be non-negative, got {self.weight_decay}"),
+            (0 <= self.label_smoothing < 1, f"label_smoothing must lie in [0, 1), got {self.label_smoothing}"),
+            (self.crop_padding >= 0, f"crop_padding must be non-negative, got {self.crop_padding}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+def lr_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
+    """Per-step learning rate: 0 -> peak at ``peak_fraction`` of training -> 0."""
+    total = config.epochs * steps_per_epoch
+    warmup = max(1, round(config.peak_fraction * total))
+    if config.schedule == "cosine":
+        return optax.cosine_onecycle_schedule(total, config.peak_lr, pct_start=warmup / total,
+                                              div_factor=1e9, final_div_factor=1e9)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, config.peak_lr, warmup),
+         optax.linear_schedule(config.peak_lr, 0.0, max(1, total - warmup))],
+        [warmup],
+    )
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    """SGD with momentum and coupled weight decay, as ``torch.optim.SGD`` does it."""
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay),
+        optax.sgd(lr_schedule(config, steps_per_epoch), momentum=config.momentum or None,
+                  nesterov=config.nesterov),
+    )
+
+
+class TrainState(NamedTuple):
+    """One model's training state: ``variables`` (params + batch stats) and optimiser state."""
+
+    variables: dict
+    opt_state: Any
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, valid: jax.Array, label_smoothing: float = 0.0):
+    """Mean cross-entropy over the valid examples of a (possibly padded) batch."""
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    losses = optax.softmax_cross_entropy(logits, targets)
+    return jnp.sum(jnp.where(valid, losses, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def accuracy(logits: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:
+    """Fraction of valid examples whose arg-max logit is the label."""
+    hits = (jnp.argmax(logits, -1) == labels) & valid
+    return jnp.sum(hits) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def train_step(state: TrainState, batch: batches.Batch, *, model: Model, optimizer: optax.GradientTransformation,
+               label_smoothing: float = 0.0) -> tuple[TrainState, dict]:
+    """One SGD step of ONE model on ``batch``; pure: ``(state, batch) -> (state, metrics)``."""
+
+    def loss_fn(params):
+        variables = {"params": params, "batch_stats": state.variables["batch_stats"]}
+        logits, batch_stats = model.apply(variables, batch.x, True, mask=batch.valid)
+        return cross_entropy(logits, batch.y, batch.valid, label_smoothing), (logits, batch_stats)
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.variables["params"])
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.variables["params"])
+    params = optax.apply_updates(state.variables["params"], updates)
+    new_state = TrainState({"params": params, "batch_stats": batch_stats}, opt_state)
+    return new_state, {"loss": loss, "accuracy": accuracy(logits, batch.y, batch.valid)}
+
+
+class Normalization(NamedTuple):
+    """Per-channel mean and std applied to uint8 images scaled to [0, 1]."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def make_batch(images, labels, indices, valid, key, config: TrainConfig, norm: Normalization) -> batches.Batch:
+    """Gather a batch from the on-device data set, augment it and normalise it."""
+    x = batches.augment(key, images[indices], flip=config.flip, crop_padding=config.crop_padding)
+    return batches.Batch(batches.normalize(x, norm.mean, norm.std), labels[indices], valid)
+
+
+def make_epoch(model: Model, config: TrainConfig, norm: Normalization, num_points: int):
+    """Build the single-model ``epoch(state, data, subset, key, epoch_index)`` for the ensemble runner.
+
+    ``data = (images, labels)`` is the whole data set on device; ``subset`` the indices this
+    member trains on. The shuffle of epoch ``e`` uses ``fold_in(fold_in(key, 1), e)``.
+    """
+    steps = batches.steps_per_epoch(num_points, min(config.batch_size, num_points), config.drop_last)
+    optimizer = make_optimizer(config, steps)
+    step = functools.partial(train_step, model=model, optimizer=optimizer, label_smoothing=config.label_smoothing)
+
+    def epoch(state, data, subset, key, epoch_index):
+        images, labels = data
+        shuffle_key = jax.random.fold_in(jax.random.fold_in(key, 1), epoch_index)
+        augment_key = jax.random.fold_in(jax.random.fold_in(key, 2), epoch_index)
+        indices, valid = batches.epoch_batches(shuffle_key, subset, config.batch_size, config.drop_last)
+        step_keys = jax.random.split(augment_key, indices.shape[0])
+
+        def body(state, inputs):
+            batch_indices, batch_valid, step_key = inputs
+            return step(state, make_batch(images, labels, batch_indices, batch_valid, step_key, config, norm))
+
+        state, metrics = jax.lax.scan(body, state, (indices, valid, step_keys))
+        return state, jax.tree_util.tree_map(jnp.mean, metrics)
+
+    return epoch, optimizer
+
+
+def init_state(model: Model, optimizer: optax.GradientTransformation, key: jax.Array, input_shape) -> TrainState:
+    """Fresh model (init key ``fold_in(key, 0)``) and optimiser state."""
+    variables = model.init(jax.random.fold_in(key, 0), tuple(input_shape))
+    return TrainState(variables, optimizer.init(variables["params"]))
+
+
+class DivergedError(RuntimeError):
+    """Pretraining produced a non-finite loss; lower the learning rate."""
+
+
+def train_ensemble(
+    model: Model,
+    config: TrainConfig,
+    images: np.ndarray,
+    labels: np.ndarray,
+    norm: Normalization,
+    *,
+    seed: int,
+    num_members: int,
+    subsets: np.ndarray | None = None,
+    chunk_size: int | None = None,
+    checkpoint_dir: str | Path | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    progress: bool = True,
+    desc: str = "pretrain",
+) -> ensemble.EnsembleResult:
+    """Train ``num_members`` models; member ``i`` uses key ``fold_in(key(seed), i)``.
+
+    ``subsets`` (``(num_members, m)`` indices into ``images``) gives each member its own
+    training subset -- oracles (retain set) and datamodel subsets use it; ``None`` trains
+    every member on all of ``images``. Returns final variables stacked over members (numpy).
+    """
+    if subsets is None:
+        subsets = np.broadcast_to(np.arange(len(images)), (num_members, len(images)))
+    subsets = np.asarray(subsets)
+    if subsets.ndim != 2 or subsets.shape[0] != num_members:
+        raise ValueError(f"subsets must have shape ({num_members}, points), got {subsets.shape}")
+    if subsets.size and (subsets.min() < 0 or subsets.max() >= len(images)):
+        raise ValueError(f"subset indices must lie in [0, {len(images)}), got {subsets.min()}..{subsets.max()}")
+    epoch, optimizer = make_epoch(model, config, norm, subsets.shape[1])
+    input_shape = images.shape[1:]
+
+    def init(key, _subset):
+        return init_state(model, optimizer, key, input_shape)
+
+    def check_finite(members, epoch_done, _states, metrics):
+        bad = ~np.isfinite(metrics["loss"])
+        if bad.any():
+            raise DivergedError(f"member(s) {members[bad].tolist()} reached a non-finite loss in epoch {epoch_done}; "
+                                f"lower the learning rate (peak_lr={config.peak_lr})")
+
+    data = (jnp.asarray(images), jnp.asarray(labels))
+    run_config = {"model": model.name, "train": dataclasses.asdict(config), "norm": norm._asdict(),
+                  "data": [list(images.shape), ensemble.digest(images), ensemble.digest(labels)], "subsets": ensemble.digest(subsets)}
+    result = ensemble.run(
+        init, epoch, seed=seed, num_members=num_members, epochs=config.epochs, shared=data,
+        member_inputs=subsets, chunk_size=chunk_size, checkpoint_dir=checkpoint_dir, config=run_config,
+        on_epoch=check_finite, mesh=mesh, desc=desc, progress=progress,
+    )
+    return ensemble.EnsembleResult(result.states.variables, result.metrics)
+
+
+def predict(model: Model, variables: Any, images: np.ndarray, norm: Normalization, *, batch_size: int = 1024,
+            member_chunk: int | None = None) -> np.ndarray:
+    """Eval-mode logits ``(K, n, classes)`` of every member on every image, memory-bounded.
+
+    Runs ``member_chunk`` members (default all) on ``batch_size`` images at a time; the data
+    set itself stays on the host and only one batch at a time is moved to the device.
+    """
+    num_members = jax.tree_util.tree_leaves(variables)[0].shape[0]
+    member_chunk = member_chunk or num_members
+
+    @jax.jit
+    def forward(member_variables, x):
+        x = batches.normalize(x, norm.mean, norm.std)
+        return jax.vmap(lambda v: model.apply(v, x, False)[0])(member_variables)
+
+    outputs = []
+    for start in range(0, num_members, member_chunk):
+        chunk = jax.tree_util.tree_map(lambda leaf: jnp.asarray(leaf[start:start + member_chunk]), variables)
+        rows = []
+        for lo in range(0, len(images), batch_size):
+            x = images[lo:lo + batch_size]
+            pad = batch_size - len(x) if len(images) > batch_size else 0
+            logits = forward(chunk, np.concatenate([x, np.repeat(x[-1:], pad, 0)]) if pad else x)
+            rows.append(np.asarray(logits)[:, : len(x)])
+        outputs.append(np.concatenate(rows, axis=1))
+    return np.concatenate(outputs, axis=0)
