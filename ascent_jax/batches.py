@@ -29,17 +29,13 @@ class Batch(NamedTuple):
 
 
 def steps_per_epoch(num_points: int, batch_size: int, drop_last: bool = False) -> int:
-    """Number of optimiser steps one pass over ``num_points`` takes."""
+    """Number of optimiser steps one pass over ``num_points`` takes (batch ``min(batch_size, num_points)``)."""
     if num_points <= 0:
         raise ValueError(f"cannot make batches from an empty set ({num_points} points)")
     if batch_size <= 0:
         raise ValueError(f"batch size must be positive, got {batch_size}")
+    batch_size = min(batch_size, num_points)
     if drop_last:
-        if num_points < batch_size:
-            raise ValueError(
-                f"drop_last with {num_points} points < batch size {batch_size} leaves no batch; "
-                "lower the batch size or disable drop_last"
-            )
         return num_points // batch_size
     return math.ceil(num_points / batch_size)
 
@@ -52,7 +48,7 @@ def epoch_batches(key: jax.Array, subset: jax.Array, batch_size: int, drop_last:
     """
     m = subset.shape[0]
     batch = min(batch_size, m)
-    steps = steps_per_epoch(m, batch, drop_last)
+    steps = steps_per_epoch(m, batch_size, drop_last)
     order = subset[jax.random.permutation(key, m)]
     total = steps * batch
     if total <= m:

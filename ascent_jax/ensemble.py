@@ -15,6 +15,7 @@ depend on the ensemble size, the chunking or the number of devices.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable
@@ -52,6 +53,12 @@ def digest(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
 
 
+@functools.cache
+def _compiled(init: Callable, epoch: Callable):
+    """The vmapped, jitted pair for single-model ``init``/``epoch`` (cached: compile once per pair)."""
+    return jax.jit(jax.vmap(init)), jax.jit(jax.vmap(epoch, in_axes=(0, None, 0, 0, None)), donate_argnums=0)
+
+
 def _take(tree: Any, index: np.ndarray) -> Any:
     return jax.tree_util.tree_map(lambda leaf: np.asarray(leaf)[index], tree)
 
@@ -63,6 +70,7 @@ def run(
     seed: int,
     num_members: int,
     epochs: int,
+    first_member: int = 0,
     shared: Any = None,
     member_inputs: Any = None,
     chunk_size: int | None = None,
@@ -73,7 +81,7 @@ def run(
     desc: str = "ensemble",
     progress: bool = True,
 ) -> EnsembleResult:
-    """Run ``epochs`` epochs of ``epoch`` for ``num_members`` members; see the module doc.
+    """Run ``epochs`` epochs of ``epoch`` for members ``first_member .. first_member+num_members-1``.
 
     ``on_epoch(members, epoch_done, states, metrics)`` is called after every epoch (for
     snapshots); ``config`` (JSON-able) is fingerprinted into every checkpoint, and a checkpoint
@@ -86,16 +94,15 @@ def run(
         raise ValueError(f"number of epochs must be positive, got {epochs}")
     chunk_size = min(chunk_size or num_members, num_members)
     tag = fingerprint({"config": config, "seed": seed, "epochs": epochs})
-    vinit = jax.jit(jax.vmap(init))
-    vepoch = jax.jit(jax.vmap(epoch, in_axes=(0, None, 0, 0, None)), donate_argnums=0)
+    vinit, vepoch = _compiled(init, epoch)
     starts = range(0, num_members, chunk_size)
     bar = tqdm(total=len(starts) * epochs, desc=desc, disable=not progress, unit="epoch", dynamic_ncols=True)
     states, histories = [], []
     for start in starts:
-        members = np.arange(start, min(start + chunk_size, num_members))
-        padded = sharding.pad_members(members, mesh)
-        keys = member_keys(seed, padded)
-        inputs = _take(member_inputs, padded) if member_inputs is not None else np.zeros(len(padded))
+        positions = sharding.pad_members(np.arange(start, min(start + chunk_size, num_members)), mesh)
+        members = first_member + positions[: min(chunk_size, num_members - start)]
+        keys = member_keys(seed, first_member + positions)
+        inputs = _take(member_inputs, positions) if member_inputs is not None else np.zeros(len(positions))
         keys, inputs = sharding.place(mesh, (keys, inputs))
         path = Path(checkpoint_dir) / f"members-{members[0]:04d}-{members[-1]:04d}.npz" if checkpoint_dir else None
         state = jax.eval_shape(vinit, keys, inputs)

@@ -134,14 +134,15 @@ def make_batch(images, labels, indices, valid, key, config: TrainConfig, norm: N
     return batches.Batch(batches.normalize(x, norm.mean, norm.std), labels[indices], valid)
 
 
+@functools.cache
 def make_epoch(model: Model, config: TrainConfig, norm: Normalization, num_points: int):
     """Build the single-model ``epoch(state, data, subset, key, epoch_index)`` for the ensemble runner.
 
     ``data = (images, labels)`` is the whole data set on device; ``subset`` the indices this
     member trains on. The shuffle of epoch ``e`` uses ``fold_in(fold_in(key, 1), e)``.
+    Cached, so repeated runs of one recipe reuse the compiled program.
     """
-    steps = batches.steps_per_epoch(num_points, min(config.batch_size, num_points), config.drop_last)
-    optimizer = make_optimizer(config, steps)
+    optimizer = make_optimizer(config, batches.steps_per_epoch(num_points, config.batch_size, config.drop_last))
     step = functools.partial(train_step, model=model, optimizer=optimizer, label_smoothing=config.label_smoothing)
 
     def epoch(state, data, subset, key, epoch_index):
@@ -158,13 +159,22 @@ def make_epoch(model: Model, config: TrainConfig, norm: Normalization, num_point
         state, metrics = jax.lax.scan(body, state, (indices, valid, step_keys))
         return state, jax.tree_util.tree_map(jnp.mean, metrics)
 
-    return epoch, optimizer
+    return epoch
 
 
-def init_state(model: Model, optimizer: optax.GradientTransformation, key: jax.Array, input_shape) -> TrainState:
-    """Fresh model (init key ``fold_in(key, 0)``) and optimiser state."""
-    variables = model.init(jax.random.fold_in(key, 0), tuple(input_shape))
-    return TrainState(variables, optimizer.init(variables["params"]))
+@functools.cache
+def make_init(model: Model, config: TrainConfig, num_points: int, input_shape: tuple):
+    """Build the single-model ``init(key, member_input) -> TrainState`` matching :func:`make_epoch`.
+
+    The model is initialised with ``fold_in(key, 0)``; the optimiser state starts fresh.
+    """
+    optimizer = make_optimizer(config, batches.steps_per_epoch(num_points, config.batch_size, config.drop_last))
+
+    def init(key, _member_input):
+        variables = model.init(jax.random.fold_in(key, 0), input_shape)
+        return TrainState(variables, optimizer.init(variables["params"]))
+
+    return init
 
 
 class DivergedError(RuntimeError):
@@ -180,6 +190,7 @@ def train_ensemble(
     *,
     seed: int,
     num_members: int,
+    first_member: int = 0,
     subsets: np.ndarray | None = None,
     chunk_size: int | None = None,
     checkpoint_dir: str | Path | None = None,
@@ -187,7 +198,7 @@ def train_ensemble(
     progress: bool = True,
     desc: str = "pretrain",
 ) -> ensemble.EnsembleResult:
-    """Train ``num_members`` models; member ``i`` uses key ``fold_in(key(seed), i)``.
+    """Train members ``first_member ..``; member ``i`` uses key ``fold_in(key(seed), i)``.
 
     ``subsets`` (``(num_members, m)`` indices into ``images``) gives each member its own
     training subset -- oracles (retain set) and datamodel subsets use it; ``None`` trains
@@ -200,11 +211,8 @@ def train_ensemble(
         raise ValueError(f"subsets must have shape ({num_members}, points), got {subsets.shape}")
     if subsets.size and (subsets.min() < 0 or subsets.max() >= len(images)):
         raise ValueError(f"subset indices must lie in [0, {len(images)}), got {subsets.min()}..{subsets.max()}")
-    epoch, optimizer = make_epoch(model, config, norm, subsets.shape[1])
-    input_shape = images.shape[1:]
-
-    def init(key, _subset):
-        return init_state(model, optimizer, key, input_shape)
+    epoch = make_epoch(model, config, norm, subsets.shape[1])
+    init = make_init(model, config, subsets.shape[1], tuple(images.shape[1:]))
 
     def check_finite(members, epoch_done, _states, metrics):
         bad = ~np.isfinite(metrics["loss"])
@@ -216,11 +224,23 @@ def train_ensemble(
     run_config = {"model": model.name, "train": dataclasses.asdict(config), "norm": norm._asdict(),
                   "data": [list(images.shape), ensemble.digest(images), ensemble.digest(labels)], "subsets": ensemble.digest(subsets)}
     result = ensemble.run(
-        init, epoch, seed=seed, num_members=num_members, epochs=config.epochs, shared=data,
+        init, epoch, seed=seed, num_members=num_members, first_member=first_member, epochs=config.epochs, shared=data,
         member_inputs=subsets, chunk_size=chunk_size, checkpoint_dir=checkpoint_dir, config=run_config,
         on_epoch=check_finite, mesh=mesh, desc=desc, progress=progress,
     )
     return ensemble.EnsembleResult(result.states.variables, result.metrics)
+
+
+@functools.cache
+def _forward(model: Model, norm: Normalization):
+    """Jitted eval-mode logits of a stack of members on one batch of uint8 images."""
+
+    @jax.jit
+    def forward(member_variables, x):
+        x = batches.normalize(x, norm.mean, norm.std)
+        return jax.vmap(lambda v: model.apply(v, x, False)[0])(member_variables)
+
+    return forward
 
 
 def predict(model: Model, variables: Any, images: np.ndarray, norm: Normalization, *, batch_size: int = 1024,

@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -45,12 +47,14 @@ _FACTORIES: dict[str, Callable[..., nn.Module]] = {
 NAMES = tuple(_FACTORIES)
 
 
+@functools.cache
 def build(name: str, num_classes: int, *, dtype: str = "float32", **options: Any) -> Model:
     """Return the pure ``init``/``apply`` pair of architecture ``name``.
 
     ``dtype`` is the compute dtype ("float32" or "bfloat16" for mixed precision on GPUs);
     parameters and batch statistics always stay float32. ``options`` are architecture
-    specific (e.g. ``stem="cifar"`` for ResNet-18, ``hidden=(256,)`` for the MLP).
+    specific (e.g. ``stem="cifar"`` for ResNet-18, ``hidden=(256,)`` for the MLP). Builds are
+    cached, so equal arguments return the same functions and jitted code is reused.
     """
     if name not in _FACTORIES:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(NAMES)}")

@@ -1,0 +1,1 @@
+"""Runnable studies built on the ascent_jax library."""
