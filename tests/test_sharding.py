@@ -27,11 +27,10 @@ def spy(*args, on_epoch=None, **kwargs):
         on_epoch(members, epoch, states, metrics)
     return original(*args, on_epoch=record, **kwargs)
 ensemble.run = spy
-for members in (3, 8):
-    plain = train.train_ensemble(model, config, x, y, norm, seed=0, num_members=members, progress=False)
-    sharded = train.train_ensemble(model, config, x, y, norm, seed=0, num_members=members, mesh=mesh, progress=False)
-    chex.assert_trees_all_close(plain.states, sharded.states, rtol=1e-5, atol=1e-6)
-    assert jax.tree_util.tree_leaves(sharded.states)[0].shape[0] == members
+plain = train.train_ensemble(model, config, x, y, norm, seed=0, num_members=3, progress=False)
+sharded = train.train_ensemble(model, config, x, y, norm, seed=0, num_members=3, mesh=mesh, progress=False)
+chex.assert_trees_all_close(plain.states, sharded.states, rtol=1e-5, atol=1e-6)
+assert jax.tree_util.tree_leaves(sharded.states)[0].shape[0] == 3
 placed = sharding.place(mesh, np.zeros((8, 3)))
 assert placed.sharding.spec == jax.sharding.PartitionSpec("members")
 assert [s.data.shape for s in placed.addressable_shards] == [(2, 3)] * 4
@@ -43,5 +42,5 @@ def test_sharded_equals_unsharded_on_four_cpu_devices():
     result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     seen = eval(result.stdout.split("SEEN", 1)[1])
-    # Unsharded states live on 1 device; sharded ones span all 4, also for 3 members (padded to 4).
-    assert set(seen) == {(1, 3), (4, 3), (1, 8), (4, 8)}
+    # Unsharded states live on 1 device; sharded ones span all 4 although 3 members do not divide 4.
+    assert set(seen) == {(1, 3), (4, 3)}
