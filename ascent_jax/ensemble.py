@@ -103,7 +103,7 @@ def run(
         members = first_member + positions[: min(chunk_size, num_members - start)]
         keys = member_keys(seed, first_member + positions)
         inputs = _take(member_inputs, positions) if member_inputs is not None else np.zeros(len(positions))
-        keys, inputs = sharding.place(mesh, (keys, inputs))
+        keys, inputs = sharding.place(mesh, (keys, inputs)) if mesh is not None else jax.device_put((keys, inputs))
         path = Path(checkpoint_dir) / f"members-{members[0]:04d}-{members[-1]:04d}.npz" if checkpoint_dir else None
         state = jax.eval_shape(vinit, keys, inputs)
         done, history = 0, {}
@@ -128,7 +128,7 @@ def run(
                 on_epoch(members, index + 1, jax.tree_util.tree_map(lambda leaf: leaf[: len(members)], state), metrics)
             if path is not None:
                 checkpoint.save(path, state, {"fingerprint": tag, "epoch": index + 1, "metrics": history})
-            bar.set_postfix({name: f"{np.nanmean(value):.3g}" for name, value in metrics.items()})
+            bar.set_postfix({name: f"{np.mean(value):.3g}" for name, value in metrics.items()})
             bar.update(1)
         states.append(_take(jax.device_get(state), slice(0, len(members))))
         histories.append({name: np.asarray(values) for name, values in history.items()})

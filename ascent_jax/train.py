@@ -252,12 +252,7 @@ def predict(model: Model, variables: Any, images: np.ndarray, norm: Normalizatio
     """
     num_members = jax.tree_util.tree_leaves(variables)[0].shape[0]
     member_chunk = member_chunk or num_members
-
-    @jax.jit
-    def forward(member_variables, x):
-        x = batches.normalize(x, norm.mean, norm.std)
-        return jax.vmap(lambda v: model.apply(v, x, False)[0])(member_variables)
-
+    forward = _forward(model, norm)
     outputs = []
     for start in range(0, num_members, member_chunk):
         chunk = jax.tree_util.tree_map(lambda leaf: jnp.asarray(leaf[start:start + member_chunk]), variables)

@@ -1,0 +1,565 @@
+"""The unlearning interface, its building blocks and the shared ensemble driver.
+
+A method is a frozen config dataclass (its hyper-parameters) plus a pure per-epoch function of
+ONE model, registered by name::
+
+    epoch(state, data, key, epoch_index, cfg) -> (state, metrics)
+
+``state`` is a :class:`ascent_jax.train.TrainState`; ``data`` an :class:`UnlearnData` (the
+training set on device, the forget and retain indices, this replica's pretrained variables and
+targets); ``key`` the replica's PRNG key; ``metrics`` a dict of scalars. :func:`unlearn` hands
+the function to :func:`ascent_jax.ensemble.run`, which vmaps it over replicas, jits it once,
+chunks, shards and checkpoints, and takes margin snapshots at a list of epoch counts.
+
+Conventions shared by every built-in method:
+
+* Optimiser: plain SGD, ``optax.sgd(lr)`` with no momentum and no weight decay, as the public
+  benchmark does (its optimiser is given only the learning rate). The rate lives in the
+  optimiser state (``optax.inject_hyperparams``), so a method may change it per epoch, purely.
+* Batch norm: train mode in every update step (batch statistics normalise, running averages
+  are updated, as PyTorch's ``.train()``); eval mode (running averages) for margins and for
+  frozen reference models such as SCRUB's teacher.
+* Divergence is data: after every epoch the driver checks that the weights and every metric are
+  finite; a replica that fails is marked ``diverged`` (with the first epoch that failed) and
+  keeps running, so its margins (possibly NaN or +-inf) still reach KLoM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ascent_jax import batches, checkpoint, ensemble, klom, train
+from ascent_jax.models import Model
+
+# Stream ids folded into a replica's key, one per source of randomness, so streams never share
+# draws; pretraining uses 0 (init), 1 (shuffle) and 2 (augmentation).
+FORGET_STREAM, RETAIN_STREAM, SAMPLE_STREAM, MATCH_STREAM = 11, 12, 13, 14
+
+
+# --------------------------------------------------------------------------------------------
+# Configs
+
+
+def is_integer(value: Any) -> bool:
+    """Whether ``value`` is an integer (Python or numpy), not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+class MethodConfig:
+    """Base of method configs: checks the hyper-parameters every method names the same way.
+
+    Subclass it with a ``@dataclasses.dataclass(frozen=True)``; ``__post_init__`` then raises
+    ``ValueError`` for a field ``lr`` that is not a positive finite number, ``epochs`` or any
+    ``*batch_size`` that is not a positive integer, and any other ``*_epochs`` that is not a
+    non-negative integer. Override ``__post_init__`` (calling ``super()``) to add checks.
+    """
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            name, value = field.name, getattr(self, field.name)
+            if name == "lr":
+                if not (isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
+                        and math.isfinite(value) and value > 0):
+                    raise ValueError(f"{type(self).__name__}: lr must be a positive finite number, got {value!r}")
+            elif name == "epochs" or name.endswith("batch_size"):
+                if not (is_integer(value) and value > 0):
+                    raise ValueError(f"{type(self).__name__}: {name} must be a positive integer, got {value!r}")
+            elif name.endswith("_epochs") and not (is_integer(value) and value >= 0):
+                raise ValueError(f"{type(self).__name__}: {name} must be a non-negative integer, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# What one replica's epoch sees
+
+
+class MemberInput(NamedTuple):
+    """Per-replica inputs (leading replica axis, split by the ensemble runner)."""
+
+    pretrained: Any  # variables of pretrained model i (SCRUB's teacher, everyone's start)
+    targets: Any  # (n_train, C) target logits of replica i (oracle matching), or None
+
+
+@dataclasses.dataclass(frozen=True)
+class UnlearnData:
+    """Everything one replica's epoch reads; built inside the traced epoch, never mutated.
+
+    ``images``/``labels`` are the whole training set on device (uint8, int32), ``forget`` and
+    ``retain`` index it; ``pretrained`` and ``targets`` are this replica's own inputs. In a
+    method's ``init`` the images and labels are ``None`` (only shapes and indices are known).
+    """
+
+    model: Model
+    norm: train.Normalization
+    input_shape: tuple[int, ...]
+    images: Any
+    labels: Any
+    forget: Any
+    retain: Any
+    pretrained: Any
+    targets: Any
+
+    def batch(self, indices: jax.Array, valid: jax.Array) -> batches.Batch:
+        """Gather and normalise a batch (no augmentation during unlearning)."""
+        x = batches.normalize(self.images[indices], self.norm.mean, self.norm.std)
+        return batches.Batch(x, self.labels[indices], valid)
+
+
+# --------------------------------------------------------------------------------------------
+# Optimiser and steps
+
+_SGD = optax.inject_hyperparams(optax.sgd)
+
+
+def sgd(lr: float) -> optax.GradientTransformation:
+    """Plain SGD (no momentum, no weight decay) with its learning rate kept in the state."""
+    return _SGD(learning_rate=lr)
+
+
+def set_learning_rate(state: train.TrainState, lr: jax.Array) -> train.TrainState:
+    """The state with SGD's learning rate replaced (for schedules on the epoch index)."""
+    hyperparams = {**state.opt_state.hyperparams, "learning_rate": jnp.asarray(lr, jnp.float32)}
+    return state._replace(opt_state=state.opt_state._replace(hyperparams=hyperparams))
+
+
+def learning_rate(state: train.TrainState) -> jax.Array:
+    """SGD's current learning rate."""
+    return state.opt_state.hyperparams["learning_rate"]
+
+
+def start_from_pretrained(key: jax.Array, data: UnlearnData, cfg: Any) -> train.TrainState:
+    """Default ``init``: this replica's pretrained variables and a fresh SGD state at ``cfg.lr``."""
+    del key
+    return train.TrainState(data.pretrained, sgd(cfg.lr).init(data.pretrained["params"]))
+
+
+def gradient_step(state: train.TrainState, batch: batches.Batch, objective: Callable[[jax.Array], jax.Array],
+                  model: Model) -> tuple[train.TrainState, jax.Array]:
+    """One SGD step of ONE model minimising ``objective(logits)``; batch norm in train mode.
+
+    Returns the new state and the objective before the step. Pure.
+    """
+    params = state.variables["params"]
+
+    def loss_fn(params):
+        variables = {"params": params, "batch_stats": state.variables["batch_stats"]}
+        logits, batch_stats = model.apply(variables, batch.x, True, mask=batch.valid)
+        return objective(logits), batch_stats
+
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = _SGD(learning_rate=0.0).update(grads, state.opt_state, params)  # rate from the state
+    variables = {"params": optax.apply_updates(params, updates), "batch_stats": batch_stats}
+    return train.TrainState(variables, opt_state), loss
+
+
+def stream_key(key: jax.Array, stream: int, epoch_index: jax.Array) -> jax.Array:
+    """The key of one source of randomness (``stream``) in one epoch."""
+    return jax.random.fold_in(jax.random.fold_in(key, stream), epoch_index)
+
+
+def run_pass(state: train.TrainState, data: UnlearnData, subset: jax.Array, key: jax.Array, batch_size: int,
+             objective: Callable[[jax.Array, batches.Batch, jax.Array], jax.Array]):
+    """One shuffled pass over ``subset`` in batches, an SGD step on each; ``(state, mean objective)``.
+
+    ``objective(logits, batch, indices)`` is minimised; ``indices`` are the batch's positions in
+    the training set (to look up per-point targets). A subset smaller than ``batch_size`` forms
+    one batch; the last batch is padded and masked.
+    """
+    indices, valid = batches.epoch_batches(key, subset, batch_size)
+
+    def body(state, inputs):
+        batch_indices, batch_valid = inputs
+        batch = data.batch(batch_indices, batch_valid)
+        return gradient_step(state, batch, lambda logits: objective(logits, batch, batch_indices), data.model)
+
+    state, losses = jax.lax.scan(body, state, (indices, valid))
+    return state, jnp.mean(losses)
+
+
+def ascent_pass(state, data: UnlearnData, key, epoch_index, batch_size: int):
+    """Gradient ascent on the forget set's cross-entropy; returns ``(state, mean forget CE)``."""
+    state, loss = run_pass(state, data, data.forget, stream_key(key, FORGET_STREAM, epoch_index), batch_size,
+                           lambda logits, batch, _: -train.cross_entropy(logits, batch.y, batch.valid))
+    return state, -loss
+
+
+def descent_pass(state, data: UnlearnData, key, epoch_index, batch_size: int):
+    """Gradient descent on the retain set's cross-entropy; returns ``(state, mean retain CE)``."""
+    return run_pass(state, data, data.retain, stream_key(key, RETAIN_STREAM, epoch_index), batch_size,
+                    lambda logits, batch, _: train.cross_entropy(logits, batch.y, batch.valid))
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every floating-point value in ``tree`` is finite."""
+    leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+
+
+class Method(NamedTuple):
+    """A registered method: its config class, per-epoch function and how replicas start.
+
+    ``init(key, data, cfg) -> state`` (default: the pretrained model and an SGD state).
+    ``from_scratch`` methods ignore the pretrained models and run under a seed derived from the
+    user's (:func:`derived_seed`), so they never replay pretraining's keys. ``needs_targets``
+    methods require per-replica target logits.
+    """
+
+    name: str
+    config: type
+    epoch: Callable
+    init: Callable
+    from_scratch: bool
+    needs_targets: bool
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register(name: str, config: type, epoch: Callable, *, init: Callable | None = None,
+             from_scratch: bool = False, needs_targets: bool = False) -> Method:
+    """Register ``epoch`` (pure, one model) under ``name`` with its frozen config dataclass."""
+    if not (dataclasses.is_dataclass(config) and isinstance(config, type) and config.__dataclass_params__.frozen):
+        raise ValueError(f"config of method {name!r} must be a frozen dataclass type, got {config!r}")
+    if name in _METHODS:
+        raise ValueError(f"an unlearning method named {name!r} is already registered")
+    if any(method.config is config for method in _METHODS.values()):
+        raise ValueError(f"{config.__name__} is already the config of another method; give {name!r} its own class")
+    method = Method(name, config, epoch, init or start_from_pretrained, from_scratch, needs_targets)
+    _METHODS[name] = method
+    return method
+
+
+def names() -> tuple[str, ...]:
+    """Names of the registered methods."""
+    return tuple(_METHODS)
+
+
+def get(name_or_config: str | Any) -> Method:
+    """The registered method of a name or of a config instance."""
+    if isinstance(name_or_config, str):
+        if name_or_config not in _METHODS:
+            raise ValueError(f"unknown unlearning method {name_or_config!r}; choose one of {', '.join(_METHODS)}")
+        return _METHODS[name_or_config]
+    for method in _METHODS.values():
+        if type(name_or_config) is method.config:
+            return method
+    raise ValueError(f"{type(name_or_config).__name__} is not the config of a registered unlearning method "
+                     f"(registered: {', '.join(_METHODS)}); call register() first")
+
+
+def make(name: str, **hyperparameters: Any) -> Any:
+    """A config of method ``name``, e.g. ``make("ga", lr=1e-3, epochs=5)``."""
+    return get(name).config(**hyperparameters)
+
+
+def derived_seed(seed: int, purpose: str) -> int:
+    """A 31-bit seed derived from ``(purpose, seed)`` by SHA-256, e.g. ``derived_seed(0, "retrain")``.
+
+    Retraining runs under ``derived_seed(seed, "retrain")``, so oracles retrained with the seed
+    the pretrained models were trained with still get independent initialisations and orders.
+    """
+    digest = hashlib.sha256(f"{purpose}:{seed}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") >> 1
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+
+
+class UnlearnResult(NamedTuple):
+    """Margins at every snapshot epoch and per-replica divergence.
+
+    ``margins[e]`` is ``(K, n_eval)`` (train points in index order, then test points) after
+    ``e`` epochs; ``metrics[name]`` is ``(epochs, K)``; ``diverged`` ``(K,)`` flags replicas whose
+    loss or weights became non-finite, first in epoch ``diverged_epoch`` (1-based; -1 if never);
+    ``variables[e]`` holds stacked variables at each snapshot when asked for, else ``None``.
+    """
+
+    margins: dict[int, np.ndarray]
+    metrics: dict[str, np.ndarray]
+    diverged: np.ndarray
+    diverged_epoch: np.ndarray
+    variables: dict[int, Any] | None
+
+    def diverged_by(self, epoch: int) -> np.ndarray:
+        """``(K,)`` replicas that had diverged within the first ``epoch`` epochs."""
+        return self.diverged & (self.diverged_epoch <= epoch)
+
+
+def _num_members(tree: Any) -> int:
+    sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in jax.tree_util.tree_leaves(tree)}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError("pretrained variables must be stacked with one leading replica axis on every leaf, "
+                         f"got leading sizes {sorted(map(str, sizes))}")
+    return sizes.pop()
+
+
+def _tree_digest(tree: Any) -> str | None:
+    if tree is None:
+        return None
+    return ensemble.fingerprint([ensemble.digest(np.asarray(leaf)) for leaf in jax.tree_util.tree_leaves(tree)])
+
+
+def split_indices(forget: Any, num_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validated ``(forget, retain)`` int32 index arrays of a training set of ``num_points``."""
+    forget = np.asarray(forget)
+    if forget.ndim != 1 or forget.size == 0 or not np.issubdtype(forget.dtype, np.integer):
+        raise ValueError(f"forget indices must be a non-empty 1-D integer array, got shape {forget.shape} "
+                         f"and dtype {forget.dtype}")
+    if forget.min() < 0 or forget.max() >= num_points:
+        raise ValueError(f"forget indices must lie in [0, {num_points}), got {forget.min()}..{forget.max()}")
+    if len(np.unique(forget)) != len(forget):
+        raise ValueError("forget indices contain duplicates")
+    if len(forget) == num_points:
+        raise ValueError("the forget set covers the whole training set; nothing would be retained")
+    return forget.astype(np.int32), batches.retain_indices(num_points, forget).astype(np.int32)
+
+
+@functools.cache
+def single_model(config: Any, model: Model, norm: train.Normalization, input_shape: tuple[int, ...],
+                 num_forget: int, num_retain: int):
+    """The single-replica ``(init, epoch)`` that :func:`unlearn` hands to the ensemble runner.
+
+    ``init(key, member_input)`` and ``epoch(state, shared, member_input, key, epoch_index)``
+    follow :func:`ascent_jax.ensemble.run`, with ``shared = (images, labels, forget, retain)``
+    and ``member_input`` one replica's :class:`MemberInput`. ``init`` sees the forget and retain
+    sets only as shapes (``jax.ShapeDtypeStruct``). The epoch adds the metric ``nonfinite``
+    (weights or a metric not finite). Cached, so equal runs reuse the compiled program.
+    """
+    method = get(config)
+    placeholders = (None, None, jax.ShapeDtypeStruct((num_forget,), jnp.int32),
+                    jax.ShapeDtypeStruct((num_retain,), jnp.int32))
+
+    def init(key, member):
+        data = UnlearnData(model, norm, input_shape, *placeholders, member.pretrained, member.targets)
+        return method.init(key, data, config)
+
+    def epoch(state, shared, member, key, epoch_index):
+        data = UnlearnData(model, norm, input_shape, *shared, member.pretrained, member.targets)
+        state, metrics = method.epoch(state, data, key, epoch_index, config)
+        metrics = dict(metrics)
+        metrics["nonfinite"] = ~(all_finite(state.variables) & all_finite(metrics))
+        return state, metrics
+
+    return init, epoch
+
+
+@functools.cache
+def _margin_program(model: Model, norm: train.Normalization, num_points: int):
+    @jax.jit
+    def compute(variables, x, y):
+        def one_member(member_variables):
+            def one_batch(batch):
+                logits, _ = model.apply(member_variables, batches.normalize(batch[0], norm.mean, norm.std), False)
+                return klom.margins(logits, batch[1])
+
+            return jax.lax.map(one_batch, (x, y)).reshape(-1)[:num_points]
+
+        return jax.lax.map(one_member, variables)
+
+    return compute
+
+
+def margin_function(model: Model, norm: train.Normalization, images: np.ndarray, labels: np.ndarray,
+                    batch_size: int = 1024) -> Callable[[Any], np.ndarray]:
+    """``stacked variables -> margins (K, n)`` in eval mode, one replica and ``batch_size`` images at a time.
+
+    The images go to the device once; the program is compiled once per model and shape.
+    """
+    n = len(images)
+    size = min(batch_size, n)
+    steps = -(-n // size)
+    pad = steps * size - n
+    shape = images.shape[1:]
+    x = np.concatenate([images, np.zeros((pad, *shape), images.dtype)]).reshape(steps, size, *shape)
+    y = np.concatenate([labels, np.zeros(pad, labels.dtype)]).reshape(steps, size)
+    x, y = jnp.asarray(x), jnp.asarray(y, jnp.int32)
+    compute = _margin_program(model, norm, n)
+    return lambda variables: np.asarray(compute(variables, x, y))
+
+
+class _Snapshots:
+    """Margins (and optionally variables) of every replica at every snapshot epoch.
+
+    Each (chunk, epoch) snapshot is also written to ``directory/snapshots`` when checkpointing,
+    so snapshots taken before an interruption are read back after the resume.
+    """
+
+    def __init__(self, epochs, num_members, first_member, num_eval, keep_variables, directory, tag):
+        self.margins = {e: np.full((num_members, num_eval), np.nan, np.float32) for e in epochs}
+        self.filled = {e: np.zeros(num_members, bool) for e in epochs}
+        self.variables = {e: [None] * num_members for e in epochs} if keep_variables else None
+        self.first_member, self.num_eval, self.directory, self.tag = first_member, num_eval, directory, tag
+
+    def _path(self, epoch, members):
+        return self.directory / "snapshots" / f"epoch-{epoch:04d}-members-{members[0]:04d}-{members[-1]:04d}.npz"
+
+    def _store(self, epoch, members, snapshot):
+        rows = np.asarray(members) - self.first_member
+        self.margins[epoch][rows] = snapshot["margins"]
+        self.filled[epoch][rows] = True
+        if self.variables is not None:
+            for position, row in enumerate(rows):
+                self.variables[epoch][row] = jax.tree_util.tree_map(lambda leaf: np.asarray(leaf[position]),
+                                                                    snapshot["variables"])
+
+    def take(self, epoch, members, variables, margins_of):
+        snapshot = {"margins": margins_of(variables)}
+        if self.variables is not None:
+            snapshot["variables"] = jax.device_get(variables)
+        self._store(epoch, members, snapshot)
+        if self.directory is not None:
+            checkpoint.save(self._path(epoch, members), snapshot,
+                            {"fingerprint": self.tag, "members": [int(members[0]), int(members[-1])]})
+
+    def complete(self, final_variables):
+        """Read back the snapshots this process did not take; raise if any is missing."""
+        for epoch, filled in self.filled.items():
+            if not filled.all() and self.directory is not None:
+                for path in sorted((self.directory / "snapshots").glob(f"epoch-{epoch:04d}-*.npz")):
+                    meta = checkpoint.read_meta(path)
+                    members = np.arange(meta["members"][0], meta["members"][1] + 1)
+                    rows = members - self.first_member
+                    if meta.get("fingerprint") != self.tag or rows.min() < 0 or rows.max() >= len(filled) \
+                            or filled[rows].all():
+                        continue
+                    like = {"margins": np.zeros((len(members), self.num_eval), np.float32)}
+                    if self.variables is not None:
+                        like["variables"] = jax.tree_util.tree_map(lambda leaf: leaf[rows], final_variables)
+                    self._store(epoch, members, checkpoint.load(path, like)[0])
+            if not filled.all():
+                missing = (np.flatnonzero(~filled) + self.first_member).tolist()
+                raise ValueError(f"the snapshot after epoch {epoch} of replicas {missing} is missing from "
+                                 f"{self.directory}; delete that directory to start fresh")
+        if self.variables is None:
+            return None
+        return {e: jax.tree_util.tree_map(lambda *rows: np.stack(rows), *rows) for e, rows in self.variables.items()}
+
+
+def unlearn(
+    config: Any,
+    model: Model,
+    pretrained: Any,
+    images: np.ndarray,
+    labels: np.ndarray,
+    norm: train.Normalization,
+    forget: np.ndarray,
+    *,
+    seed: int,
+    snapshot_epochs: Iterable[int] | None = None,
+    test_images: np.ndarray | None = None,
+    test_labels: np.ndarray | None = None,
+    targets: np.ndarray | None = None,
+    num_members: int | None = None,
+    first_member: int = 0,
+    keep_variables: bool = False,
+    chunk_size: int | None = None,
+    checkpoint_dir: str | Path | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    eval_batch_size: int = 1024,
+    progress: bool = True,
+) -> UnlearnResult:
+    """Run method ``config`` on every replica and return margin snapshots; see the module doc.
+
+    ``pretrained``: stacked variables (numpy, leading replica axis K); replica i starts from
+    row i. ``forget`` indexes ``images``. The run lasts ``config.epochs`` epochs; margins are
+    taken after each epoch count in ``snapshot_epochs`` (default: the last) on the training
+    images followed by ``test_images``, so one run serves every epoch count of a grid.
+    ``targets`` ``(K, n_train, C)``: replica i's target logits (oracle matching).
+    Replica i is ensemble member ``first_member + i`` with key ``fold_in(key(seed), member)``
+    (``from_scratch`` methods: ``derived_seed(seed, name)``), so a replica's result does not
+    depend on K or the chunking. ``num_members`` is needed only without ``pretrained``
+    (retraining). ``checkpoint_dir``: per-epoch checkpoints and snapshots; rerunning resumes.
+    """
+    method = get(config)
+    try:
+        hash(config)
+    except TypeError:
+        raise ValueError(f"{type(config).__name__} must be hashable (it keys the compiled program): "
+                         "use tuples, not lists, in its fields") from None
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.ndim < 2 or labels.shape != (len(images),):
+        raise ValueError(f"images must be (n, ...) with labels (n,), got {images.shape} and {labels.shape}")
+    if pretrained is None:
+        if not method.from_scratch:
+            raise ValueError(f"method {method.name!r} starts from the pretrained models; pass their stacked variables")
+        if not (is_integer(num_members) and num_members > 0):
+            raise ValueError(f"without pretrained models give num_members as a positive integer, got {num_members!r}")
+    else:
+        size = _num_members(pretrained)
+        if num_members is not None and num_members != size:
+            raise ValueError(f"num_members={num_members} disagrees with the {size} pretrained replicas")
+        num_members = size
+    if not (is_integer(first_member) and first_member >= 0):
+        raise ValueError(f"first_member must be a non-negative integer, got {first_member!r}")
+    if method.from_scratch:
+        pretrained = None  # never needed on the device
+    if method.needs_targets:
+        if targets is None:
+            raise ValueError(f"method {method.name!r} needs targets: per-replica target logits (K, n_train, C)")
+        targets = np.asarray(targets, np.float32)
+        if targets.ndim != 3 or targets.shape[:2] != (num_members, len(images)):
+            raise ValueError(f"targets must have shape ({num_members}, {len(images)}, classes), got {targets.shape}")
+        if not np.isfinite(targets).all():
+            raise ValueError("targets contain non-finite values")
+    elif targets is not None:
+        raise ValueError(f"method {method.name!r} takes no targets")
+    epochs = config.epochs
+    snapshots = sorted({int(e) for e in (snapshot_epochs if snapshot_epochs is not None else [epochs])})
+    if not snapshots or snapshots[0] < 1 or snapshots[-1] > epochs:
+        raise ValueError(f"snapshot epochs must be a non-empty subset of 1..{epochs} (the config's epochs), "
+                         f"got {snapshot_epochs!r}")
+    if (test_images is None) != (test_labels is None):
+        raise ValueError("pass test_images and test_labels together")
+    eval_images, eval_labels = images, labels
+    if test_images is not None:
+        eval_images = np.concatenate([images, np.asarray(test_images)])
+        eval_labels = np.concatenate([labels, np.asarray(test_labels)])
+
+    forget, retain = split_indices(forget, len(images))
+    init, epoch = single_model(config, model, norm, tuple(images.shape[1:]), len(forget), len(retain))
+    shared = tuple(jnp.asarray(a) for a in (images, labels, forget, retain))
+    run_seed = derived_seed(seed, method.name) if method.from_scratch else seed
+    run_config = {
+        "method": method.name, "config": dataclasses.asdict(config), "model": model.name, "norm": norm._asdict(),
+        "data": [list(images.shape), ensemble.digest(images), ensemble.digest(labels)],
+        "forget": ensemble.digest(forget), "pretrained": _tree_digest(pretrained),
+        "targets": None if targets is None else ensemble.digest(targets),
+        "eval": [ensemble.digest(eval_images), ensemble.digest(eval_labels)],
+        "snapshots": snapshots, "keep_variables": keep_variables,
+    }
+    directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    tag = ensemble.fingerprint({"config": run_config, "seed": run_seed, "epochs": epochs, "first": first_member})
+    store = _Snapshots(snapshots, num_members, first_member, len(eval_images), keep_variables, directory, tag)
+    margins_of = margin_function(model, norm, eval_images, eval_labels, eval_batch_size)
+
+    def on_epoch(members, epoch_done, states, _metrics):
+        if epoch_done in store.margins:
+            store.take(epoch_done, members, states.variables, margins_of)
+
+    result = ensemble.run(
+        init, epoch, seed=run_seed, num_members=num_members, first_member=first_member, epochs=epochs,
+        shared=shared, member_inputs=MemberInput(pretrained, targets), chunk_size=chunk_size,
+        checkpoint_dir=directory, config=run_config, on_epoch=on_epoch, mesh=mesh, desc=method.name,
+        progress=progress,
+    )
+    variables = store.complete(result.states.variables)
+    nonfinite = np.asarray(result.metrics["nonfinite"], bool)
+    diverged = nonfinite.any(axis=0)
+    diverged_epoch = np.where(diverged, nonfinite.argmax(axis=0) + 1, -1)
+    return UnlearnResult(store.margins, result.metrics, diverged, diverged_epoch, variables)
