@@ -351,20 +351,11 @@ def noise_floor(
     if not _is_count(n_repeats, 1):
         raise ValueError(f"n_repeats must be an integer >= 1; got {n_repeats!r}.")
     rng = np.random.default_rng(seed)
+    options = dict(bins=bins, eps=eps, clip=clip, compat=compat, chunk_size=chunk_size)
     rows = []
     for _ in range(n_repeats):
         order = rng.permutation(pool.shape[0])
-        rows.append(
-            klom(
-                pool[order[:size]],
-                pool[order[size : 2 * size]],
-                bins=bins,
-                eps=eps,
-                clip=clip,
-                compat=compat,
-                chunk_size=chunk_size,
-            )
-        )
+        rows.append(klom(pool[order[:size]], pool[order[size : 2 * size]], **options))
     return np.stack(rows)
 
 
@@ -392,21 +383,12 @@ def bootstrap_klom(
     if not _is_count(n_bootstrap, 1):
         raise ValueError(f"n_bootstrap must be an integer >= 1; got {n_bootstrap!r}.")
     rng = np.random.default_rng(seed)
+    options = dict(bins=bins, eps=eps, clip=clip, compat=compat, chunk_size=chunk_size)
     rows = []
     for _ in range(n_bootstrap):
         pick_o = rng.integers(0, oracle.shape[0], size=oracle.shape[0])
         pick_u = rng.integers(0, unlearned.shape[0], size=unlearned.shape[0])
-        rows.append(
-            klom(
-                oracle[pick_o],
-                unlearned[pick_u],
-                bins=bins,
-                eps=eps,
-                clip=clip,
-                compat=compat,
-                chunk_size=chunk_size,
-            )
-        )
+        rows.append(klom(oracle[pick_o], unlearned[pick_u], **options))
     return np.stack(rows)
 
 
