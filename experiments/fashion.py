@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from ascent_jax import checkpoint, data, models, train
-from experiments.cli import positive_float, positive_int, run_main
+from ascent_jax.cli import positive_float, positive_int, run_main
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m experiments.fashion", description=__doc__,

@@ -1,4 +1,4 @@
-"""Shared command-line plumbing: validated argument types and one-line user errors (exit 2)."""
+"""Command-line plumbing shared by the library and experiment CLIs: validated argument types and one-line user errors (exit 2)."""
 
 from __future__ import annotations
 

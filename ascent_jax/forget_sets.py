@@ -1,0 +1,369 @@
+"""The nine forget sets of "Ascent Fails to Forget" App. M, computed from our own datamodels.
+
+Sets 1-3 are random (10 / 100 / 500 points); sets 4-9 follow the top principal components
+of the train x train datamodel matrix: the 10 and 100 points with the highest projection on
+PC1, 250 highest + 250 lowest on PC1, and the same three for PC2. All sizes and PCs are
+parameters (:func:`default_recipes`). Indices are always stored as int64 ``.npy`` files of
+indices into the full train split, with a ``forget_sets.json`` manifest (provenance, class
+histograms). User-supplied index files (``.npy`` / ``.txt`` / ``.json``) are validated by
+:func:`load_index_file` -- e.g. the officially published CIFAR-10 sets (``--import``).
+
+    python -m ascent_jax.forget_sets --dataset fashion_mnist --models 2000 --out runs/forget_sets
+
+trains the datamodel ensemble (chunked, checkpointed, resumable), fits the datamodels,
+writes the sets and ``report.md`` (LDS, PC variance explained, class histograms) with
+``pc_images.png``, the most extreme images of each PC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ascent_jax import checkpoint, data, datamodels, ensemble, models, train
+from ascent_jax.cli import positive_float, positive_int, run_main
+
+MANIFEST = "forget_sets.json"
+# Below this mean LDS the datamodels barely predict anything and PC-aligned sets are ~random.
+LDS_WARNING = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """One forget set: ``kind`` "random" (``size`` points drawn by ``seed``), "top" (``size``
+    highest projections on PC ``pc``) or "top_bottom" (``size`` highest + ``size`` lowest)."""
+
+    name: str
+    kind: str
+    size: int
+    pc: int = 0
+
+    def __post_init__(self):
+        if self.kind not in ("random", "top", "top_bottom"):
+            raise ValueError(f"unknown forget-set kind {self.kind!r}")
+        if self.size <= 0:
+            raise ValueError(f"forget set {self.name}: size must be positive, got {self.size}")
+        if self.kind != "random" and self.pc <= 0:
+            raise ValueError(f"forget set {self.name}: PC number must be >= 1, got {self.pc}")
+
+    @property
+    def total(self) -> int:
+        return 2 * self.size if self.kind == "top_bottom" else self.size
+
+
+def default_recipes(random_sizes=(10, 100, 500), top_sizes=(10, 100), split_size=250, pcs=(1, 2)) -> list[Recipe]:
+    """App. M's nine sets in the paper's order (defaults), numbered ``set1`` .. ``set9``."""
+    recipes = [("random", size, 0) for size in random_sizes]
+    for pc in pcs:
+        recipes += [("top", size, pc) for size in top_sizes] + [("top_bottom", split_size, pc)]
+    named = []
+    for number, (kind, size, pc) in enumerate(recipes, 1):
+        label = {"random": f"random{size}", "top": f"pc{pc}-top{size}",
+                 "top_bottom": f"pc{pc}-top{size}-bottom{size}"}[kind]
+        named.append(Recipe(f"set{number}-{label}", kind, size, pc))
+    return named
+
+
+def build_sets(recipes: list[Recipe], subset: np.ndarray, scores: np.ndarray | None, seed: int) -> dict[str, np.ndarray]:
+    """Forget sets as sorted int64 indices into the full split.
+
+    ``subset`` (sorted full-split indices of the study points) is what sets are drawn from;
+    ``scores[:, k-1]`` the PC-``k`` projection of each study point (needed by PC recipes).
+    Random set ``r`` uses ``np.random.default_rng([seed, r])``; PC ties break by position.
+    """
+    subset = np.asarray(subset, np.int64)
+    sets = {}
+    for number, recipe in enumerate(recipes):
+        if recipe.total > len(subset):
+            raise ValueError(f"forget set {recipe.name} needs {recipe.total} points, the study subset has {len(subset)}")
+        if recipe.kind == "random":
+            chosen = np.random.default_rng([seed, number]).choice(len(subset), recipe.size, replace=False)
+        else:
+            if scores is None or recipe.pc > scores.shape[1]:
+                raise ValueError(f"forget set {recipe.name} needs PC {recipe.pc}; only "
+                                 f"{0 if scores is None else scores.shape[1]} computed")
+            order = np.argsort(-scores[:, recipe.pc - 1], kind="stable")
+            chosen = order[: recipe.size]
+            if recipe.kind == "top_bottom":
+                chosen = np.concatenate([chosen, order[-recipe.size:]])
+        sets[recipe.name] = np.sort(subset[chosen])
+    return sets
+
+
+def _fail(path, what: str, values) -> None:
+    shown = ", ".join(repr(v) if isinstance(v, str) else str(v) for v in list(values)[:5])
+    more = f" (and {len(values) - 5} more)" if len(values) > 5 else ""
+    raise ValueError(f"forget set file {path}: {what}: [{shown}]{more}")
+
+
+def _read_values(path: Path) -> list:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            array = np.load(path, allow_pickle=False)
+            if array.ndim != 1:
+                raise ValueError(f"forget set file {path}: expected a 1-D array, got shape {array.shape}")
+            return array.tolist()
+        text = path.read_text()
+        if suffix == ".json":
+            values = json.loads(text)
+            if isinstance(values, dict) and "indices" in values:
+                values = values["indices"]
+            if not isinstance(values, list):
+                raise ValueError(f"forget set file {path}: expected a JSON list of indices "
+                                 f"(or an object with an 'indices' list), got {type(values).__name__}")
+            return values
+        if suffix == ".txt":
+            return text.replace(",", " ").split()
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"forget set file {path}: cannot read it: {error}") from None
+    raise ValueError(f"forget set file {path}: unsupported format {suffix!r}; use .npy, .txt or .json")
+
+
+def _as_int(value):
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            return None
+    return None
+
+
+def load_index_file(path: str | os.PathLike, num_points: int) -> np.ndarray:
+    """Read and validate a forget-set index file (``.npy``, ``.txt`` whitespace/comma
+    separated, ``.json`` list): returns sorted int64 indices into a split of ``num_points``.
+
+    Raises ``FileNotFoundError`` for a missing file and a one-line ``ValueError`` naming the
+    file and the offending values for empty, non-integer, negative, out-of-range or
+    duplicate indices.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"forget set file {path} does not exist")
+    values = _read_values(path)
+    if not values:
+        raise ValueError(f"forget set file {path}: contains no indices")
+    converted = [_as_int(v) for v in values]
+    bad = [v for v, c in zip(values, converted) if c is None]
+    if bad:
+        _fail(path, "non-integer values", bad)
+    indices = np.asarray(converted, np.int64)
+    if (indices < 0).any():
+        _fail(path, "negative indices", indices[indices < 0].tolist())
+    if (indices >= num_points).any():
+        _fail(path, f"indices out of range [0, {num_points})", indices[indices >= num_points].tolist())
+    unique, counts = np.unique(indices, return_counts=True)
+    if (counts > 1).any():
+        _fail(path, "duplicate indices", unique[counts > 1].tolist())
+    return unique
+
+
+def class_histogram(indices: np.ndarray, labels: np.ndarray, num_classes: int) -> list[int]:
+    """Number of points of each class in a forget set (``labels`` of the full split)."""
+    return np.bincount(np.asarray(labels)[indices], minlength=num_classes).tolist()
+
+
+def write_sets(out: Path, sets: dict[str, np.ndarray], labels: np.ndarray, num_classes: int, provenance: dict,
+               recipes: dict[str, dict] | None = None) -> dict:
+    """Write ``NAME.npy`` (int64 full-split indices) per set and the ``forget_sets.json`` manifest."""
+    entries = {}
+    for name, indices in sets.items():
+        indices = np.asarray(indices, np.int64)
+        checkpoint.atomic_write(out / f"{name}.npy", lambda handle, a=indices: np.save(handle, a))
+        entries[name] = {"file": f"{name}.npy", "size": len(indices), "recipe": (recipes or {}).get(name),
+                         "class_histogram": class_histogram(indices, labels, num_classes)}
+    manifest = {"provenance": provenance, "sets": entries}
+    checkpoint.atomic_write(out / MANIFEST, lambda handle: handle.write(json.dumps(manifest, indent=2).encode()))
+    return manifest
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive whole numbers, got {text!r}")
+    return values
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
+    return value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m ascent_jax.forget_sets", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=sorted(data.DATASETS), default="fashion_mnist")
+    parser.add_argument("--import", dest="imports", nargs="+", metavar="FILE", default=None,
+                        help="validate published forget-set index files (.npy/.txt/.json) against the train split "
+                             "and copy them into --out with a manifest; trains nothing")
+    parser.add_argument("--models", type=positive_int, default=2000, help="datamodel ensemble size M (default 2000)")
+    parser.add_argument("--alpha", type=_fraction, default=0.5, help="fraction of the study subset each model "
+                        "trains on (default 0.5)")
+    parser.add_argument("--subset-size", type=positive_int, default=10_000,
+                        help="class-balanced study subset n, drawn by --seed (default 10000; 0 < n <= train size)")
+    parser.add_argument("--model", choices=["mlp", "cnn", "resnet9"], default="mlp", help="architecture (default mlp)")
+    parser.add_argument("--epochs", type=positive_int, default=10, help="training epochs per model (default 10)")
+    parser.add_argument("--lr", type=positive_float, default=0.4, help="peak learning rate (default 0.4)")
+    parser.add_argument("--batch-size", type=positive_int, default=512, help="batch size (default 512)")
+    parser.add_argument("--chunk-size", type=positive_int, default=100,
+                        help="models trained at once; one checkpoint + margins file per chunk (default 100)")
+    parser.add_argument("--holdout", type=_fraction, default=0.1,
+                        help="fraction of models held out twice: once to choose lambda, once for the LDS (default 0.1)")
+    parser.add_argument("--fista-steps", type=positive_int, default=50,
+                        help="FISTA iterations per lambda, warm-started along the lambda path (default 50)")
+    parser.add_argument("--random-sizes", type=_int_list, default=(10, 100, 500), help="random set sizes (default 10,100,500)")
+    parser.add_argument("--top-sizes", type=_int_list, default=(10, 100), help="top-of-PC set sizes (default 10,100)")
+    parser.add_argument("--split-size", type=positive_int, default=250, help="top and bottom count of the "
+                        "top+bottom sets (default 250)")
+    parser.add_argument("--pcs", type=_int_list, default=(1, 2), help="PCs to build sets on (default 1,2)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the subset, masks, models and random sets")
+    parser.add_argument("--data-dir", default=None, help="folder with the data set files")
+    parser.add_argument("--out", default="runs/forget_sets", help="output directory (default runs/forget_sets)")
+    parser.add_argument("--no-progress", action="store_true", help="disable the progress bars")
+    return parser.parse_args(argv)
+
+
+def _import_sets(args, out: Path) -> int:
+    info = data.get_info(args.dataset)
+    _, labels = data.load(args.dataset, "train", args.data_dir)
+    sets = {Path(f).stem: load_index_file(f, len(labels)) for f in args.imports}
+    provenance = {"dataset": args.dataset, "source": "imported", "files": [str(Path(f).resolve()) for f in args.imports]}
+    manifest = write_sets(out, sets, labels, info.num_classes, provenance)
+    for name, entry in manifest["sets"].items():
+        print(f"{name}: {entry['size']} indices, classes {entry['class_histogram']}")
+    print(f"wrote {len(sets)} sets and {out / MANIFEST}")
+    return 0
+
+
+def _plot_pc_images(path: Path, images: np.ndarray, labels: np.ndarray, class_names, scores: np.ndarray,
+                    pcs: list[int], per_row: int = 10) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(pc, end) for pc in pcs for end in ("top", "bottom")]
+    fig, axes = plt.subplots(len(rows), per_row, figsize=(per_row * 1.2, len(rows) * 1.45), squeeze=False)
+    for axis_row, (pc, end) in zip(axes, rows):
+        order = np.argsort(-scores[:, pc - 1], kind="stable")
+        chosen = order[:per_row] if end == "top" else order[::-1][:per_row]
+        for axis, position in zip(axis_row, chosen):
+            image = images[position]
+            axis.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None)
+            axis.set_title(f"{class_names[labels[position]]}\n{scores[position, pc - 1]:.2g}", fontsize=6)
+        for axis in axis_row:
+            axis.axis("off")
+        axis_row[0].text(-0.3, 0.5, f"PC{pc} {end}", transform=axis_row[0].transAxes, ha="right", va="center",
+                         fontsize=8)
+    fig.subplots_adjust(left=0.08, right=0.99, top=0.93, bottom=0.01, hspace=0.6, wspace=0.1)
+    checkpoint.atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110))
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    existing = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    if not os.access(existing, os.W_OK):
+        raise PermissionError(f"output directory {out} is not writable; pass --out to a writable folder")
+    if args.imports:
+        return _import_sets(args, out)
+    info = data.get_info(args.dataset)
+    images_all, labels_all = data.load(args.dataset, "train", args.data_dir)
+    recipes = default_recipes(args.random_sizes, args.top_sizes, args.split_size, args.pcs)
+    subset = datamodels.study_subset(labels_all, args.subset_size, args.seed)
+    n = len(subset)
+    biggest = max(r.total for r in recipes)
+    if biggest > n:
+        raise ValueError(f"the largest forget set has {biggest} points but --subset-size is {n}")
+    held = max(3, round(args.holdout * args.models))
+    fit_models = args.models - 2 * held
+    if fit_models < 2:
+        raise ValueError(f"--models {args.models} leaves {fit_models} models to fit after holding out 2 x {held}; "
+                         "use at least 8 models")
+    images, labels = images_all[subset], labels_all[subset]
+    norm = train.Normalization(info.mean, info.std)
+    model = models.build(args.model, info.num_classes)
+    config = train.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, peak_lr=args.lr)
+    masks = datamodels.subset_masks(args.models, n, args.alpha, args.seed)
+    provenance = {"dataset": args.dataset, "model": args.model, "models": args.models, "alpha": args.alpha,
+                  "seed": args.seed, "subset_size": n, "subset_digest": ensemble.digest(subset),
+                  "train": dataclasses.asdict(config), "holdout_models": held, "fista_steps": args.fista_steps,
+                  "lambda_ratios": list(datamodels.DEFAULT_RATIOS)}
+    run_tag = ensemble.fingerprint({k: provenance[k] for k in ("dataset", "model", "models", "alpha", "seed",
+                                                                "subset_size", "subset_digest", "train")})
+    tag_file = out / "run.json"
+    if tag_file.exists() and json.loads(tag_file.read_text()).get("fingerprint") != run_tag:
+        raise ValueError(f"{out} holds a run with other settings ({tag_file}); use another --out or delete it")
+    checkpoint.atomic_write(tag_file, lambda h: h.write(json.dumps({"fingerprint": run_tag, **provenance},
+                                                                  indent=2).encode()))
+    checkpoint.atomic_write(out / "study_subset.npy", lambda h: np.save(h, subset))
+    print(f"{args.dataset}: study subset of {n} class-balanced train points (seed {args.seed}); "
+          f"{args.models} x {args.model} on {round(args.alpha * n)}-point subsets (alpha {args.alpha}), "
+          f"{args.epochs} epochs, in chunks of {args.chunk_size}; fit on {fit_models}, lambda chosen on {held}, "
+          f"LDS on {held} held-out models; run dir {out}", flush=True)
+    margins = datamodels.train_margins(model, config, images, labels, norm, masks, seed=args.seed,
+                                       chunk_size=args.chunk_size, out_dir=out / "margins",
+                                       progress=not args.no_progress, log=lambda m: print(m, flush=True))
+    started = time.time()
+    fit, val, test = slice(0, fit_models), slice(fit_models, fit_models + held), slice(fit_models + held, None)
+    dm = datamodels.fit_datamodels(masks[fit], margins[fit], masks[val], margins[val], steps=args.fista_steps)
+    scores_lds = datamodels.lds(dm, masks[test], margins[test])
+    mean_lds = float(np.nanmean(scores_lds)) if np.isfinite(scores_lds).any() else float("nan")
+    print(f"datamodels fitted in {time.time() - started:.0f} s; LDS {mean_lds:.3f} on {held} held-out models", flush=True)
+    pcs = max(args.pcs)
+    components = datamodels.principal_components(dm.matrix, pcs, seed=args.seed)
+    checkpoint.atomic_write(out / "datamodels.npz", lambda h: np.savez(
+        h, matrix=dm.matrix, bias=dm.bias, ratio=dm.ratio, lds=scores_lds, scores=components.scores,
+        explained=components.explained, subset=subset))
+    sets = build_sets(recipes, subset, components.scores, args.seed)
+    provenance["lds"] = mean_lds
+    provenance["pc_variance_explained"] = components.explained.tolist()
+    manifest = write_sets(out, sets, labels_all, info.num_classes, provenance,
+                          {r.name: dataclasses.asdict(r) for r in recipes})
+    _plot_pc_images(out / "pc_images.png", images, labels, info.class_names, components.scores, list(args.pcs))
+    report = _report(args, manifest, mean_lds, scores_lds, held, components.explained, info.class_names)
+    checkpoint.atomic_write(out / "report.md", lambda h: h.write(report.encode()))
+    print(report)
+    return 0
+
+
+def _report(args, manifest, mean_lds, scores_lds, held, explained, class_names) -> str:
+    lines = [f"# Forget sets: {args.dataset}, {args.models} x {args.model}, alpha {args.alpha}, seed {args.seed}", "",
+             f"Study subset: {args.subset_size} class-balanced train points; indices below are into the full train split.",
+             "", f"**LDS** (mean Spearman over {np.isfinite(scores_lds).sum()} targets, {held} held-out models): {mean_lds:.3f}"]
+    if not mean_lds >= LDS_WARNING:
+        lines += ["", f"**Warning: LDS {mean_lds:.3f} is near zero: the datamodels do not predict held-out models, so "
+                  "the PC-aligned forget sets are effectively random sets. Train more models (--models) before using "
+                  "them as structured sets.**"]
+    lines += ["", "PC variance explained: " + ", ".join(f"PC{k + 1} {v:.1%}" for k, v in enumerate(explained)), "",
+              "| set | size | " + " | ".join(class_names) + " |", "|---|---|" + "---|" * len(class_names)]
+    for name, entry in manifest["sets"].items():
+        lines.append(f"| {name} | {entry['size']} | " + " | ".join(map(str, entry["class_histogram"])) + " |")
+    lines += ["", "![PC images](pc_images.png)", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
