@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,8 +19,9 @@ import numpy as np
 import scipy.stats
 
 from ascent_jax.klom import klom
+from benchmarks import common
 
-RESULTS = Path(__file__).resolve().parent / "results" / "klom.json"
+RESULTS = common.RESULTS / "klom.json"
 
 
 def _reference_point(oracle, unlearned, bins, eps, clip):
@@ -129,8 +129,8 @@ def main(argv=None) -> dict:
         "benchmark": "ascent_jax.klom.klom vs the per-point numpy/scipy reference_klom",
         "command": " ".join(["python -m benchmarks.klom_bench", *(sys.argv[1:] if argv is None else argv)]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} cores",
-        "load_average_1min": os.getloadavg()[0],
+        "device": common.device_description(),
+        "load_average_1min": common.load_average(),
         "jax_version": jax.__version__,
         "numpy_version": np.__version__,
         "shape": [args.models, args.points],
@@ -144,8 +144,7 @@ def main(argv=None) -> dict:
         "speedup_median": reference_wall / float(np.median(wall)),
         "max_abs_difference": max_error,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    common.write_json(args.output, result)
     print(json.dumps(result, indent=2))
     return result
 

@@ -1,0 +1,66 @@
+"""Run the CPU benchmark set and print one summary table: ``python -m benchmarks``.
+
+Runs :mod:`benchmarks.ensemble_throughput` and :mod:`benchmarks.klom_bench` with their default
+sizes (a few minutes on a 2-core CPU), writing ``ensemble_throughput.json`` and ``klom.json``
+into ``--output-dir``. ``--tiny`` runs both at smoke-test sizes (seconds; the tests use it).
+The GPU benchmark (:mod:`benchmarks.resnet9_gpu`) is not part of this set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from benchmarks import common, ensemble_throughput, klom_bench
+
+TINY_THROUGHPUT = ["--models", "mlp", "--members", "2", "--batch-sizes", "16", "--points", "32", "--repeats", "1",
+                   "--min-seconds", "0", "--matmul-size", "64", "--probes", "mlp:map,mlp:steps,mlp:model_steps",
+                   "--probe-members", "2"]
+TINY_KLOM = ["--models", "20", "--points", "50", "--repeats", "1"]
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output-dir", type=Path, default=common.RESULTS)
+    parser.add_argument("--tiny", action="store_true", help="smoke-test sizes (seconds, numbers meaningless)")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch contender")
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    throughput_args = (TINY_THROUGHPUT if args.tiny else []) + (["--no-torch"] if args.no_torch else [])
+    throughput = ensemble_throughput.main(
+        [*throughput_args, "--output", str(args.output_dir / "ensemble_throughput.json")])
+    klom = klom_bench.main([*(TINY_KLOM if args.tiny else []), "--output", str(args.output_dir / "klom.json")])
+    elapsed = time.perf_counter() - start
+
+    rows = list(_summary_rows(throughput))
+    rows.append({"benchmark": "klom", "figure": f"speed-up over the per-point reference ({klom['shape'][0]} x "
+                 f"{klom['shape'][1]})", "value": f"{klom['speedup']:.0f}x ({klom['klom_seconds']:.3f} s)"})
+    print()
+    print(common.table(rows, [("benchmark", "benchmark", "s"), ("figure", "figure", "s"), ("value", "value", "s")]))
+    print(f"CPU set done in {elapsed:.0f} s on {common.device_description()}, load average {common.load_average():.2f}")
+    return {"ensemble_throughput": throughput, "klom": klom, "seconds": elapsed}
+
+
+def _summary_rows(throughput: dict):
+    """Per architecture and batch size: the ratios the issue's targets are about."""
+    for res in throughput["results"]:
+        name, vmap = f"{res['architecture']} batch {res['batch_size']}", res["vmap"]
+        ks = ", ".join(map(str, vmap))
+        torch = res["torch"].get("images_per_s")
+        yield {"benchmark": name, "figure": f"vmap / jitted loop at K = {ks}",
+               "value": ", ".join(f"{v['images_per_s'] / res['loop'][k]['images_per_s']:.2f}x" for k, v in vmap.items())}
+        if torch:
+            yield {"benchmark": name, "figure": f"vmap / PyTorch loop at K = {ks}",
+                   "value": ", ".join(f"{v['images_per_s'] / torch:.2f}x" for v in vmap.values())}
+        yield {"benchmark": name, "figure": f"vmap % of the {res['matmul_gflops_per_s']:.0f} GFLOP/s matmul rate at K = {ks}",
+               "value": ", ".join(f"{100 * v['matmul_fraction']:.0f}%" for v in vmap.values())}
+        for probe_name, probe in res["probes"].items():
+            figure = f"probe '{probe_name}' (K = {probe['members']}) / jitted loop" + (" / PyTorch loop" if torch else "")
+            value = f"{probe['vs_loop_same_K']:.2f}x" + (f" / {probe['vs_torch']:.2f}x" if torch else "")
+            yield {"benchmark": name, "figure": figure, "value": value}
+
+
+if __name__ == "__main__":
+    main()

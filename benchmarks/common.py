@@ -1,0 +1,292 @@
+"""Helpers shared by the benchmark scripts: run metadata, atomic JSON, timing, FLOPs, tables, torch.
+
+Every result file records the device, the date, library versions, the exact command and the
+1-minute load average (the machines are shared; a load above the core count means the numbers
+are pessimistic). PyTorch is optional (``pip install -e ".[bench]"``): :func:`torch_or_none`
+returns ``None`` when it is missing and the scripts then skip the PyTorch contender with a note.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ascent_jax.checkpoint import atomic_write
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_description() -> str:
+    """The default device as ``kind (backend), N cores`` (cores of the host)."""
+    return f"{jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} cores"
+
+
+def load_average() -> float:
+    """The 1-minute load average of the host."""
+    return os.getloadavg()[0]
+
+
+def metadata(module: str, argv: Sequence[str] | None, torch=None) -> dict:
+    """Command, date, device, load average and versions (``torch``: the module, if used) for a result file."""
+    return {
+        "command": " ".join([f"python -m {module}", *(sys.argv[1:] if argv is None else argv)]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_description(),
+        "load_average_1min_start": load_average(),
+        "jax_version": jax.__version__,
+        "numpy_version": np.__version__,
+        "torch_version": torch.__version__ if torch is not None else None,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") if torch is not None else None,
+    }
+
+
+def write_json(path: str | os.PathLike, result: dict) -> None:
+    """Write ``result`` as indented JSON, atomically (temp file + rename)."""
+    text = json.dumps(result, indent=2, default=_jsonable) + "\n"
+    atomic_write(path, lambda handle: handle.write(text.encode()))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> list[float]:
+    """Wall-clock seconds of ``repeats`` calls of ``fn`` (which must block until its work is done)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def measure(run: Callable[[], Any], repeats: int, min_seconds: float) -> list[float]:
+    """Seconds of timed calls of ``run``: after one warm-up call, until ``repeats`` calls or ``min_seconds``.
+
+    A warm-up call that itself takes ``min_seconds`` or more is the only sample (programs are
+    compiled ahead of time, so it holds no compilation).
+    """
+    first = timed(run, 1)
+    if first[0] >= min_seconds:
+        return first
+    samples: list[float] = []
+    while len(samples) < max(1, repeats) and sum(samples) < min_seconds:
+        samples += timed(run, 1)
+    return samples
+
+
+def interleaved(runners: dict, repeats: int, min_seconds: float) -> dict[Any, list[float]]:
+    """Time several contenders round-robin; each runner returns the seconds of one run.
+
+    One warm-up round, then rounds over the contenders that still have fewer than ``repeats``
+    samples and less than ``min_seconds`` timed. A warm-up run of ``min_seconds`` or more is
+    that contender's only sample. Returns every contender's samples.
+    """
+    samples: dict[Any, list[float]] = {}
+    for name, run in runners.items():
+        first = run()
+        samples[name] = [first] if first >= min_seconds else []
+
+    def pending(name):
+        return not samples[name] or (len(samples[name]) < repeats and sum(samples[name]) < min_seconds)
+
+    while active := [name for name in runners if pending(name)]:
+        for name in active:
+            samples[name].append(runners[name]())
+    return samples
+
+
+def repeat_until(run: Callable[[], float], repeats: int, min_seconds: float) -> list[float]:
+    """Call ``run`` (which returns the seconds it measured) until ``repeats`` calls or ``min_seconds`` in all."""
+    seconds = [run()]
+    while len(seconds) < repeats and sum(seconds) < min_seconds:
+        seconds.append(run())
+    return seconds
+
+
+class Stepper:
+    """Runs a compiled epoch ``(state, *args, epoch_index) -> (state, metrics)`` once per state, then blocks.
+
+    One state is the vmapped ensemble; several are the per-model loop. States are donated and
+    replaced; every call advances the epoch index (a new shuffle).
+    """
+
+    def __init__(self, compiled, states: list, args: list[tuple]):
+        self.compiled, self.states, self.args, self.epochs = compiled, states, args, itertools.count()
+
+    def __call__(self) -> None:
+        index = jnp.int32(next(self.epochs))
+        for i, args in enumerate(self.args):
+            self.states[i], metrics = self.compiled(self.states[i], *args, index)
+        jax.block_until_ready((self.states, metrics))
+
+
+def compile_timed(jitted, *args) -> tuple[Any, float]:
+    """Compile ``jitted`` ahead of time for ``args``; returns the executable and the seconds it took."""
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
+def matmul_timer(size: int, dtype: Any = jnp.float32) -> Callable[[], float]:
+    """A callable that times one jitted ``size x size`` ``jnp.dot`` on the default device (seconds)."""
+    rng = np.random.default_rng(0)
+    a, b = (jnp.asarray(rng.standard_normal((size, size), np.float32), dtype) for _ in range(2))
+    dot = jax.jit(jnp.dot)
+    dot(a, b).block_until_ready()
+    return lambda: timed(lambda: dot(a, b).block_until_ready(), 1)[0]
+
+
+def matmul_gflops(size: int = 2048, dtype: Any = jnp.float32, repeats: int = 5) -> float:
+    """The device's dense matmul rate in GFLOP/s: the best of ``repeats`` timed matmuls."""
+    run = matmul_timer(size, dtype)
+    return 2 * size**3 / min(run() for _ in range(repeats)) / 1e9
+
+
+def cost_flops(compiled: Any) -> float:
+    """FLOPs of one execution of a compiled XLA program, from XLA's cost analysis.
+
+    XLA counts the body of a while loop (``lax.scan``) once, whatever its trip count.
+    """
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older jax: one dict per device program
+        analysis = analysis[0]
+    return float(analysis.get("flops", float("nan")))
+
+
+def table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
+    """A plain-text table; ``columns`` are ``(key, header, format)``; missing values print as ``-``."""
+    cells = [[header for _, header, _ in columns]]
+    for row in rows:
+        cells.append([("-" if row.get(key) is None else format(row[key], fmt)) for key, _, fmt in columns])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    left = [fmt == "s" for _, _, fmt in columns]
+    lines = ["  ".join(cell.ljust(width) if is_text else cell.rjust(width) for cell, width, is_text in zip(line, widths, left))
+             for line in cells]
+    return "\n".join([lines[0], "  ".join("-" * width for width in widths), *lines[1:]])
+
+
+def torch_or_none():
+    """The ``torch`` module, or ``None`` when the ``bench`` extra is not installed.
+
+    Sets ``OMP_WAIT_POLICY=PASSIVE`` unless already set, before the first import: with OpenMP's
+    default spin-waiting, PyTorch on this shared 2-core machine ran 15-30x slower whenever other
+    processes held the cores (measured: MLP batch 64, 740 vs 25,000 images/s).
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+TORCH_MISSING = "torch is not installed (pip install -e '.[bench]'); the PyTorch contender was skipped"
+
+
+def torch_model(name: str, num_classes: int = 10, in_channels: int = 1):
+    """The PyTorch twin of ``ascent_jax.models.build(name)`` (same layers and widths, NCHW)."""
+    from torch import nn
+
+    def conv_bn(c_in, c_out, kernel=3, stride=1, padding=None):
+        padding = kernel // 2 if padding is None else padding
+        return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
+
+    class Residual(nn.Module):
+        def __init__(self, channels):
+            super().__init__()
+            self.body = nn.Sequential(conv_bn(channels, channels), conv_bn(channels, channels))
+
+        def forward(self, x):
+            return x + self.body(x)
+
+    class Scale(nn.Module):
+        def forward(self, x):
+            return x * 0.2
+
+    if name == "mlp":
+        return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28 * in_channels, 256), nn.ReLU(), nn.Linear(256, num_classes))
+    if name == "cnn":
+        return nn.Sequential(
+            nn.Conv2d(in_channels, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, num_classes))
+    if name == "resnet9":
+        return nn.Sequential(
+            conv_bn(in_channels, 64), conv_bn(64, 128, 5, 2, 2), Residual(128), conv_bn(128, 256),
+            nn.MaxPool2d(2), Residual(256), conv_bn(256, 128, padding=0),
+            nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(128, num_classes, bias=False), Scale())
+    raise ValueError(f"no PyTorch twin for {name!r}")
+
+
+def torch_train_models(name: str, images: np.ndarray, labels: np.ndarray, *, models: int, epochs: int,
+                       batch_size: int, mean: Sequence[float], std: Sequence[float], peak_lr: float = 0.4,
+                       device: str = "cpu", bf16: bool = False, seed: int = 0) -> float:
+    """Train ``models`` PyTorch models one after another for ``epochs`` epochs; returns wall seconds.
+
+    The plain per-model loop: uint8 NHWC data on ``device``, a fresh shuffle per epoch, per-step
+    normalisation, SGD (momentum 0.9, weight decay 5e-4) with the triangular learning rate,
+    ``bf16`` autocast on CUDA, ``channels_last`` for convolutions. Model construction is not timed.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(seed)
+    x_all = torch.as_tensor(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2)
+    y_all = torch.as_tensor(labels, dtype=torch.long).to(device)
+    mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    steps = -(-len(images) // batch_size)
+    total = epochs * steps
+    warmup = max(1, round(5 / 24 * total))
+    layout = torch.channels_last if name != "mlp" else torch.contiguous_format
+    if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
+
+    def train(net, epochs, steps_per_epoch):
+        optimizer = torch.optim.SGD(net.parameters(), lr=peak_lr, momentum=0.9, weight_decay=5e-4)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda t: t / warmup if t < warmup else max(0.0, (total - t) / max(1, total - warmup)))
+        for _ in range(epochs):
+            order = torch.randperm(len(images), device=device)
+            for step in range(steps_per_epoch):
+                index = order[step * batch_size:(step + 1) * batch_size]
+                x = ((x_all[index].float() / 255.0 - mean_t) / std_t).contiguous(memory_format=layout)
+                with torch.autocast("cuda", torch.bfloat16, enabled=bf16 and device.startswith("cuda")):
+                    loss = F.cross_entropy(net(x), y_all[index])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+
+    def new_net():
+        return torch_model(name, in_channels=images.shape[-1]).to(device, memory_format=layout)
+
+    train(new_net(), 1, min(steps, 2))  # warm-up (allocator, cuDNN autotuning), not timed
+    elapsed = 0.0
+    for _ in range(models):
+        net = new_net()
+        _synchronize(torch, device)
+        start = time.perf_counter()
+        train(net, epochs, steps)
+        _synchronize(torch, device)
+        elapsed += time.perf_counter() - start
+    return elapsed
+
+
+def _synchronize(torch, device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()

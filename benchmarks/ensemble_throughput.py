@@ -1,0 +1,305 @@
+"""Ensemble training throughput on CPU: the vmapped ensemble vs a loop of jitted models vs PyTorch.
+
+Run ``python -m benchmarks.ensemble_throughput`` (flags resize it; ``--help``); writes
+``benchmarks/results/ensemble_throughput.json`` and prints a table. Fashion-MNIST (real images),
+the MLP (784-256-10) and the small CNN, the papers' SGD recipe at batch 512 (pretraining) and
+batch 64 (unlearning). Contenders, timed in the same process:
+
+* ``vmap`` -- what :func:`ascent_jax.ensemble.run` compiles: ``jit(vmap(epoch))`` of
+  :func:`ascent_jax.train.make_epoch` (the whole epoch is one ``lax.scan``, state donated,
+  data on device), K members at once;
+* ``loop`` -- the same single-model epoch jitted once and called for each of the K members in a
+  Python loop;
+* ``torch`` -- a plain PyTorch per-model training loop of the same architecture (``bench`` extra),
+  timed on ``--torch-models`` models (its per-model cost does not depend on K).
+
+All contenders of one architecture and batch size, and a float32 matmul, are compiled first and
+then timed in interleaved rounds, so that load from other processes hits them alike. FLOPs are
+XLA's cost analysis of one compiled single-model train step times the number of model-steps (XLA
+counts a scan body once); the same count is used for PyTorch. Model-epochs/s are full
+60,000-image epochs, extrapolated from the measured images/s. Optional layout probes time
+alternatives the library could adopt (``--probes``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ascent_jax import batches, data, ensemble, models, train
+from benchmarks import common
+
+FULL_EPOCH = data.FASHION_MNIST.num_train
+SEED = 0
+NORM = train.Normalization(data.FASHION_MNIST.mean, data.FASHION_MNIST.std)
+PROBES = {
+    "map": "lax.map over members inside one jit (plain GEMMs, no per-model dispatch)",
+    "steps": "jit(vmap(train step)) called once per step from Python (no lax.scan)",
+    "model_steps": "jit(train step) of one model called once per step and model from Python (PyTorch's structure)",
+}
+
+
+def _ints(text: str) -> list[int]:
+    return [int(value) for value in text.split(",") if value]
+
+
+def _rate(seconds: list[float], model_epochs: int, points: int, flops: float) -> dict:
+    best = min(seconds)
+    images = model_epochs * points / best
+    return {"seconds": best, "seconds_samples": seconds, "images_per_s": images,
+            "model_epochs_per_s": images / FULL_EPOCH, "gflops_per_s": flops / best / 1e9}
+
+
+def bench_architecture(arch: str, batch: int, member_counts: list[int], points: int, images: np.ndarray,
+                       labels: np.ndarray, args, torch, probes: list[str], torch_note: str) -> dict:
+    """All contenders for one architecture and batch size."""
+    model = models.build(arch, data.FASHION_MNIST.num_classes)
+    config = train.TrainConfig(batch_size=batch, peak_lr=0.1)
+    steps = batches.steps_per_epoch(points, batch)
+    shared = (jnp.asarray(images[:points]), jnp.asarray(labels[:points]))
+    epoch = train.make_epoch(model, config, NORM, points)
+    init = train.make_init(model, config, points, tuple(images.shape[1:]))
+    vinit, vepoch = ensemble._compiled(init, epoch)  # the pair ensemble.run compiles
+    probe_k = min(args.probe_members, max(member_counts))
+    most = max(member_counts)
+    subsets = np.broadcast_to(np.arange(points, dtype=np.int32), (most, points))
+    initial = jax.device_get(vinit(ensemble.member_keys(SEED, np.arange(most)), subsets))
+
+    def stacked(k):
+        """States, subsets and keys of members 0..k-1 (fresh buffers: the epoch donates its state)."""
+        return (jax.tree_util.tree_map(lambda leaf: jnp.array(leaf[:k]), initial), subsets[:k],
+                ensemble.member_keys(SEED, np.arange(k)))
+
+    def member(i):
+        """State, subset and key of member i alone."""
+        return (jax.tree_util.tree_map(lambda leaf: jnp.array(leaf[i]), initial), subsets[i],
+                jax.random.fold_in(jax.random.key(SEED), i))
+
+    optimizer = train.make_optimizer(config, steps)
+    step = functools.partial(train.train_step, model=model, optimizer=optimizer, label_smoothing=config.label_smoothing)
+
+    def body(state, data_set, indices, valid, key):
+        """One step of one member: ``make_epoch``'s scan body."""
+        return step(state, train.make_batch(*data_set, indices, valid, key, config, NORM))
+
+    state, _, key = member(0)
+    example = (np.zeros(min(batch, points), np.int32), np.ones(min(batch, points), bool), key)
+    step_flops = common.cost_flops(jax.jit(body).lower(state, shared, *example).compile())
+    out = {"architecture": arch, "batch_size": batch, "points_per_timed_epoch": points, "steps_per_epoch": steps,
+           "params": models.count_params(initial.variables) // most, "flops_per_model_step": step_flops,
+           "vmap": {}, "loop": {}, "probes": {}}
+
+    # Every contender is compiled first, then all are timed in interleaved rounds, so that a burst
+    # of load from other processes hits them alike and their ratios stay comparable.
+    contenders = {}  # (kind, key) -> (runner returning seconds, model-epochs per run, extra fields)
+    for k in member_counts:
+        state, member_subsets, member_keys = stacked(k)
+        rest = (shared, member_subsets, member_keys)
+        compiled, compile_s = common.compile_timed(vepoch, state, *rest, jnp.int32(0))
+        contenders["vmap", k] = (_timer(common.Stepper(compiled, [state], [rest])), k, {"compile_seconds": compile_s})
+
+    first, *_ = member(0)
+    compiled, compile_s = common.compile_timed(jax.jit(epoch, donate_argnums=0), first, shared, subsets[0],
+                                               jax.random.key(SEED), jnp.int32(0))
+    for k in member_counts:
+        members = [member(i) for i in range(k)]
+        stepper = common.Stepper(compiled, [m[0] for m in members], [(shared, *m[1:]) for m in members])
+        contenders["loop", k] = (_timer(stepper), k, {"compile_seconds": compile_s})
+
+    n = min(args.torch_models, most)
+    if torch is not None:
+        run = functools.partial(common.torch_train_models, arch, images[:points], labels[:points], models=n, epochs=1,
+                                batch_size=batch, mean=NORM.mean, std=NORM.std, peak_lr=config.peak_lr)
+        contenders["torch", None] = (run, n, {"models_timed": n, "threads": torch.get_num_threads()})
+
+    if "map" in probes:
+        def mapped(states, data_set, member_subsets, member_keys, index):
+            return jax.lax.map(lambda m: epoch(m[0], data_set, m[1], m[2], index), (states, member_subsets, member_keys))
+
+        state, member_subsets, member_keys = stacked(probe_k)
+        rest = (shared, member_subsets, member_keys)
+        compiled, compile_s = common.compile_timed(jax.jit(mapped, donate_argnums=0), state, *rest, jnp.int32(0))
+        contenders["probe", "map"] = (_timer(common.Stepper(compiled, [state], [rest])), probe_k,
+                                      {"members": probe_k, "compile_seconds": compile_s})
+    if "steps" in probes:
+        state, member_subsets, member_keys = stacked(probe_k)
+        run, compile_s = _probe_steps(body, [state], shared, [member_subsets], [member_keys], config, steps,
+                                      vmapped=True)
+        contenders["probe", "steps"] = (run, probe_k, {"members": probe_k, "compile_seconds": compile_s})
+    if "model_steps" in probes:
+        states, member_subsets, member_keys = zip(*(member(i) for i in range(probe_k)))
+        run, compile_s = _probe_steps(body, list(states), shared, member_subsets, member_keys, config, steps,
+                                      vmapped=False)
+        contenders["probe", "model_steps"] = (run, probe_k, {"members": probe_k, "compile_seconds": compile_s})
+    contenders["matmul", None] = (common.matmul_timer(args.matmul_size), 0, {})
+
+    samples = common.interleaved({name: c[0] for name, c in contenders.items()}, args.repeats, args.min_seconds)
+    out["matmul_gflops_per_s"] = 2 * args.matmul_size**3 / min(samples["matmul", None]) / 1e9
+    out["torch"] = {"skipped": torch_note}
+    for (kind, key), (_, model_epochs, extra) in contenders.items():
+        if kind == "matmul":
+            continue
+        entry = {**_rate(samples[kind, key], model_epochs, points, model_epochs * steps * step_flops), **extra}
+        entry["matmul_fraction"] = entry["gflops_per_s"] / out["matmul_gflops_per_s"]
+        if kind == "probe":
+            out["probes"][key] = {**entry, "what": PROBES[key]}
+        elif kind == "torch":
+            out["torch"] = entry
+        else:
+            out[kind][key] = entry
+    return out
+
+
+def _timer(run):
+    """Wrap a blocking ``run()`` into a callable that returns its wall-clock seconds."""
+    return lambda: common.timed(run, 1)[0]
+
+
+def _probe_steps(body, states, shared, subsets, keys, config, steps, vmapped):
+    """A timed epoch as Python loops over jitted train steps (the scan body outside ``lax.scan``).
+
+    Returns ``(runner returning seconds, compile seconds)``.
+
+    ``vmapped``: one ``jit(vmap(step))`` call per step for the stacked members in ``states[0]``;
+    otherwise one ``jit(step)`` call per step and model, model after model (PyTorch's structure).
+    """
+
+    def plan(subset, key, index):
+        order_key = jax.random.fold_in(jax.random.fold_in(key, 1), index)
+        indices, valid = batches.epoch_batches(order_key, subset, config.batch_size, config.drop_last)
+        return indices, valid, jax.random.split(jax.random.fold_in(jax.random.fold_in(key, 2), index), steps)
+
+    def one_step(state, data_set, member_plan, t):
+        return body(state, data_set, *jax.tree_util.tree_map(lambda leaf: leaf[t], member_plan))
+
+    if vmapped:
+        plan, one_step = jax.vmap(plan, in_axes=(0, 0, None)), jax.vmap(one_step, in_axes=(0, None, 0, None))
+    planner = jax.jit(plan)
+    example_plan = planner(subsets[0], keys[0], jnp.int32(0))
+    compiled, compile_s = common.compile_timed(jax.jit(one_step, donate_argnums=0), states[0], shared, example_plan,
+                                               jnp.int32(0))
+    epochs = itertools.count()
+
+    def run():
+        index = jnp.int32(next(epochs))
+        for i, (subset, key) in enumerate(zip(subsets, keys)):
+            member_plan = planner(subset, key, index)
+            for t in range(steps):
+                states[i], metrics = compiled(states[i], shared, member_plan, jnp.int32(t))
+        jax.block_until_ready((states, metrics))
+
+    return _timer(run), compile_s
+
+
+def summarize(results: list[dict]) -> tuple[list[dict], dict]:
+    """Table rows (one per architecture, batch size and K) and the issue's targets, per architecture and batch."""
+    rows, targets = [], {}
+    for res in results:
+        torch = res["torch"].get("images_per_s")
+        for k, vmap in res["vmap"].items():
+            loop = res["loop"][k]["images_per_s"]
+            rows.append({
+                "arch": res["architecture"], "batch": res["batch_size"], "K": k, "vmap_img_s": vmap["images_per_s"],
+                "loop_img_s": loop, "torch_img_s": torch, "vs_loop": vmap["images_per_s"] / loop,
+                "vs_torch": vmap["images_per_s"] / torch if torch else None, "gflops": vmap["gflops_per_s"],
+                "matmul_pct": 100 * vmap["matmul_fraction"], "model_epochs_s": vmap["model_epochs_per_s"],
+            })
+        for probe in res["probes"].values():
+            k = probe["members"]
+            probe["vs_vmap_same_K"] = probe["images_per_s"] / res["vmap"][k]["images_per_s"] if k in res["vmap"] else None
+            probe["vs_loop_same_K"] = probe["images_per_s"] / res["loop"][k]["images_per_s"] if k in res["loop"] else None
+            probe["vs_torch"] = probe["images_per_s"] / torch if torch else None
+        ratios = {k: v["images_per_s"] / res["loop"][k]["images_per_s"] for k, v in res["vmap"].items()}
+        entry = {"vmap_vs_loop_by_K": ratios, "vmap_ge_1x_loop_all_K": min(ratios.values()) >= 1.0}
+        if res["batch_size"] == 512:
+            fractions = {k: v["matmul_fraction"] for k, v in res["vmap"].items()}
+            entry.update(matmul_fraction_by_K=fractions, matmul_fraction_ge_60pct_all_K=min(fractions.values()) >= 0.6)
+        if res["batch_size"] == 64 and torch:
+            versus = {k: v["images_per_s"] / torch for k, v in res["vmap"].items()}
+            entry.update(vmap_vs_torch_by_K=versus, vmap_ge_3x_torch_all_K=min(versus.values()) >= 3.0)
+        targets[f"{res['architecture']}_batch{res['batch_size']}"] = entry
+    return rows, targets
+
+
+COLUMNS = [("arch", "arch", "s"), ("batch", "batch", "d"), ("K", "K", "d"), ("vmap_img_s", "vmap img/s", ",.0f"),
+           ("loop_img_s", "loop img/s", ",.0f"), ("torch_img_s", "torch img/s", ",.0f"), ("vs_loop", "vmap/loop", ".2f"),
+           ("vs_torch", "vmap/torch", ".2f"), ("gflops", "vmap GFLOP/s", ".1f"), ("matmul_pct", "% matmul", ".0f"),
+           ("model_epochs_s", "model-epochs/s", ".3f")]
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--models", default="mlp,cnn", help="architectures (mlp, cnn)")
+    parser.add_argument("--members", type=_ints, default=[1, 8, 32, 100], help="ensemble sizes K for the MLP")
+    parser.add_argument("--cnn-members", type=_ints, default=[1, 2],
+                        help="ensemble sizes K for the CNN (XLA CPU runs its scanned epoch slowly; see README)")
+    parser.add_argument("--batch-sizes", type=_ints, default=[512, 64])
+    parser.add_argument("--points", type=int, default=1024, help="Fashion-MNIST images per timed MLP epoch")
+    parser.add_argument("--cnn-points", type=int, default=512, help="Fashion-MNIST images per timed CNN epoch")
+    parser.add_argument("--torch-models", type=int, default=4,
+                        help="models timed in the PyTorch loop (its per-model cost does not depend on K)")
+    parser.add_argument("--repeats", type=int, default=5, help="most timed epochs per measurement (best is kept)")
+    parser.add_argument("--min-seconds", type=float, default=3.0, help="stop repeating once this much was timed")
+    parser.add_argument("--probes", default="mlp:map,mlp:steps,mlp:model_steps,cnn:steps,cnn:model_steps",
+                        help=f"layout probes as arch:probe (probe: {', '.join(PROBES)}); empty for none")
+    parser.add_argument("--probe-members", type=int, default=8,
+                        help="K of the layout probes (at most the architecture's largest K)")
+    parser.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n float32 matmul-rate probe")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch contender")
+    parser.add_argument("--output", type=Path, default=common.RESULTS / "ensemble_throughput.json")
+    args = parser.parse_args(argv)
+
+    torch = None if args.no_torch else common.torch_or_none()
+    torch_note = "skipped (--no-torch)" if args.no_torch else common.TORCH_MISSING
+    meta = common.metadata("benchmarks.ensemble_throughput", argv, torch)
+    images, labels = data.load("fashion_mnist", "train")
+    probes = [item.split(":") for item in args.probes.split(",") if item]
+    results = []
+    for arch in args.models.split(","):
+        counts, points = (args.members, args.points) if arch == "mlp" else (args.cnn_members, args.cnn_points)
+        for batch in args.batch_sizes:
+            wanted = [probe for name, probe in probes if name == arch]
+            results.append(bench_architecture(arch, batch, counts, points, images, labels, args, torch, wanted,
+                                              torch_note))
+    rows, targets = summarize(results)
+    matmul = [res["matmul_gflops_per_s"] for res in results]
+    result = {
+        "benchmark": "ensemble training throughput: jit(vmap(epoch)) vs loop of jitted single models vs PyTorch loop",
+        **meta,
+        "load_average_1min": common.load_average(),
+        "data": "Fashion-MNIST train images (real), first --points of them per timed epoch",
+        "flops": "XLA cost_analysis of one compiled single-model train step x model-steps (scan bodies are counted once)",
+        "model_epochs": f"full {FULL_EPOCH}-image epochs, extrapolated from images/s",
+        "timing": ("contenders compiled first, then timed in interleaved rounds after one warm-up round; best epoch "
+                   "of up to --repeats, fewer once --min-seconds were timed (a warm-up that long is the sample)"),
+        "matmul": (f"float32 {args.matmul_size}^3 jnp.dot timed in the same interleaved rounds as each architecture "
+                   "and batch size; '% matmul' compares with that section's best"),
+        "matmul_gflops_per_s": {"by_section": matmul, "best": max(matmul)},
+        "torch": None if torch is not None else torch_note,
+        "results": results,
+        "targets": targets,
+    }
+    common.write_json(args.output, result)
+    print(common.table(rows, COLUMNS))
+    print(f"dense f32 matmul {min(matmul):.0f}-{max(matmul):.0f} GFLOP/s; load average {result['load_average_1min']:.2f}; "
+          f"wrote {args.output}")
+    for res in results:
+        for name, probe in res["probes"].items():
+            versus = [f"{probe[key]:.2f}x {label}" for key, label in
+                      (("vs_vmap_same_K", "vmap"), ("vs_loop_same_K", "loop"), ("vs_torch", "torch")) if probe[key]]
+            print(f"probe {res['architecture']} batch {res['batch_size']} K={probe['members']} {name}: "
+                  f"{probe['images_per_s']:,.0f} img/s = {', '.join(versus)} ({probe['what']})")
+    if torch is None:
+        print(torch_note)
+    return result
+
+
+if __name__ == "__main__":
+    main()
