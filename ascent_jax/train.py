@@ -197,6 +197,7 @@ def train_ensemble(
     mesh: jax.sharding.Mesh | None = None,
     progress: bool = True,
     desc: str = "pretrain",
+    layout: str = "vmap",
 ) -> ensemble.EnsembleResult:
     """Train members ``first_member ..``; member ``i`` uses key ``fold_in(key(seed), i)``.
 
@@ -226,7 +227,7 @@ def train_ensemble(
     result = ensemble.run(
         init, epoch, seed=seed, num_members=num_members, first_member=first_member, epochs=config.epochs, shared=data,
         member_inputs=subsets, chunk_size=chunk_size, checkpoint_dir=checkpoint_dir, config=run_config,
-        on_epoch=check_finite, mesh=mesh, desc=desc, progress=progress,
+        on_epoch=check_finite, mesh=mesh, desc=desc, progress=progress, layout=layout,
     )
     return ensemble.EnsembleResult(result.states.variables, result.metrics)
 

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pandas as pd
 
@@ -38,6 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST idx .gz files "
                         f"(default {data.FASHION_MNIST_DEFAULT_DIR})")
     parser.add_argument("--out", default="runs/fashion", help="run directory (default runs/fashion)")
+    parser.add_argument("--layout", choices=["auto", "vmap", "map"], default="auto",
+                        help="how members are batched in the jitted epoch: vmap (accelerators) or lax.map "
+                             "(faster on CPU, see benchmarks); auto picks map on CPU (default)")
     parser.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     return parser.parse_args(argv)
 
@@ -65,10 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     config = train.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, peak_lr=args.lr)
     print(f"Fashion-MNIST: {len(x_train)} train / {len(x_test)} test images; {args.ensemble} x {args.model}, "
           f"{args.epochs} epochs, batch {args.batch_size}, peak lr {args.lr}; run dir {out}", flush=True)
+    layout = args.layout if args.layout != "auto" else ("map" if jax.default_backend() == "cpu" else "vmap")
     started = time.time()
     result = train.train_ensemble(model, config, x_train, y_train, norm, seed=args.seed, num_members=args.ensemble,
                                   chunk_size=args.chunk_size, checkpoint_dir=out / "pretrain",
-                                  progress=not args.no_progress)
+                                  progress=not args.no_progress, layout=layout)
     logits = train.predict(model, result.states, x_test, norm)
     accuracy = (logits.argmax(-1) == y_test).mean(axis=1)
     table = pd.DataFrame({"member": np.arange(args.ensemble), "model": args.model, "epochs": args.epochs,
