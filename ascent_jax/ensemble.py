@@ -57,7 +57,7 @@ LAYOUTS = ("vmap", "map")
 
 
 @functools.cache
-def _compiled(init: Callable, epoch: Callable, layout: str):
+def compiled(init: Callable, epoch: Callable, layout: str = "vmap"):
     """The jitted ensemble pair for single-model ``init``/``epoch`` (cached: compile once per pair).
 
     ``"vmap"`` batches the members' arithmetic (best on accelerators); ``"map"`` runs the
@@ -101,7 +101,7 @@ def run(
     snapshots); ``config`` (JSON-able) is fingerprinted into every checkpoint, and a checkpoint
     from another configuration is refused. Checkpoints are written to ``checkpoint_dir`` as
     ``members-FIRST-LAST.npz``; rerunning the same call resumes from them. ``layout`` picks
-    how members are batched inside the jitted epoch (``"vmap"`` or ``"map"``, see ``_compiled``).
+    how members are batched inside the jitted epoch (``"vmap"`` or ``"map"``, see :func:`compiled`).
     """
     if num_members <= 0:
         raise ValueError(f"ensemble size must be positive, got {num_members}")
@@ -111,7 +111,7 @@ def run(
     tag = fingerprint({"config": config, "seed": seed, "epochs": epochs})
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    vinit, vepoch = _compiled(init, epoch, layout)
+    vinit, vepoch = compiled(init, epoch, layout)
     starts = range(0, num_members, chunk_size)
     bar = tqdm(total=len(starts) * epochs, desc=desc, disable=not progress, unit="epoch", dynamic_ncols=True)
     states, histories = [], []

@@ -44,6 +44,8 @@ PROBES = {
     "model_steps": "jit(train step) of one model called once per step and model from Python (PyTorch's structure)",
 }
 
+LAYOUT_PROBES = "mlp:map,mlp:steps,mlp:model_steps,cnn:steps,cnn:model_steps"
+
 
 def _ints(text: str) -> list[int]:
     return [int(value) for value in text.split(",") if value]
@@ -65,7 +67,7 @@ def bench_architecture(arch: str, batch: int, member_counts: list[int], points: 
     shared = (jnp.asarray(images[:points]), jnp.asarray(labels[:points]))
     epoch = train.make_epoch(model, config, NORM, points)
     init = train.make_init(model, config, points, tuple(images.shape[1:]))
-    vinit, vepoch = ensemble._compiled(init, epoch)  # the pair ensemble.run compiles
+    vinit, vepoch = ensemble.compiled(init, epoch)  # the pair ensemble.run compiles
     probe_k = min(args.probe_members, max(member_counts))
     most = max(member_counts)
     subsets = np.broadcast_to(np.arange(points, dtype=np.int32), (most, points))
@@ -240,15 +242,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--members", type=_ints, default=[1, 8, 32, 100], help="ensemble sizes K for the MLP")
     parser.add_argument("--cnn-members", type=_ints, default=[1, 2],
                         help="ensemble sizes K for the CNN (XLA CPU runs its scanned epoch slowly; see README)")
-    parser.add_argument("--batch-sizes", type=_ints, default=[512, 64])
+    parser.add_argument("--batch-sizes", type=_ints, default=[512, 64], help="512: pretraining; 64: unlearning")
     parser.add_argument("--points", type=int, default=1024, help="Fashion-MNIST images per timed MLP epoch")
     parser.add_argument("--cnn-points", type=int, default=512, help="Fashion-MNIST images per timed CNN epoch")
     parser.add_argument("--torch-models", type=int, default=4,
                         help="models timed in the PyTorch loop (its per-model cost does not depend on K)")
     parser.add_argument("--repeats", type=int, default=5, help="most timed epochs per measurement (best is kept)")
     parser.add_argument("--min-seconds", type=float, default=3.0, help="stop repeating once this much was timed")
-    parser.add_argument("--probes", default="mlp:map,mlp:steps,mlp:model_steps,cnn:steps,cnn:model_steps",
-                        help=f"layout probes as arch:probe (probe: {', '.join(PROBES)}); empty for none")
+    parser.add_argument("--probes", default="",
+                        help=f"layout probes as comma-separated arch:probe (probe: {', '.join(PROBES)}), e.g. "
+                        f"{LAYOUT_PROBES}")
     parser.add_argument("--probe-members", type=int, default=8,
                         help="K of the layout probes (at most the architecture's largest K)")
     parser.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n float32 matmul-rate probe")

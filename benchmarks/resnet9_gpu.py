@@ -99,7 +99,7 @@ def main(argv=None) -> dict:
     config = train.TrainConfig(batch_size=batch, epochs=args.epochs)
     epoch = train.make_epoch(model, config, CIFAR_NORM, points)
     init = train.make_init(model, config, points, shape)
-    vinit, vepoch = ensemble._compiled(init, epoch)  # the pair ensemble.run compiles
+    vinit, vepoch = ensemble.compiled(init, epoch)  # the pair ensemble.run compiles
     most = max([*args.chunks, args.loop_models])
     subsets = np.broadcast_to(np.arange(points, dtype=np.int32), (most, points))
     initial = jax.device_get(vinit(ensemble.member_keys(SEED, np.arange(most)), subsets))
