@@ -15,7 +15,7 @@ from pathlib import Path
 from benchmarks import common, ensemble_throughput, klom_bench
 
 TINY_THROUGHPUT = ["--models", "mlp", "--members", "2", "--batch-sizes", "16", "--points", "32", "--repeats", "1",
-                   "--min-seconds", "0", "--matmul-size", "64", "--probes", "mlp:map,mlp:steps,mlp:model_steps",
+                   "--min-seconds", "0", "--matmul-size", "64", "--probes", "mlp:steps,mlp:model_steps",
                    "--probe-members", "2"]
 TINY_KLOM = ["--models", "20", "--points", "50", "--repeats", "1"]
 
@@ -46,16 +46,18 @@ def main(argv=None) -> dict:
 def _summary_rows(throughput: dict):
     """Per architecture and batch size: the ratios the issue's targets are about."""
     for res in throughput["results"]:
-        name, vmap = f"{res['architecture']} batch {res['batch_size']}", res["vmap"]
-        ks = ", ".join(map(str, vmap))
-        torch = res["torch"].get("images_per_s")
-        yield {"benchmark": name, "figure": f"vmap / jitted loop at K = {ks}",
-               "value": ", ".join(f"{v['images_per_s'] / res['loop'][k]['images_per_s']:.2f}x" for k, v in vmap.items())}
-        if torch:
-            yield {"benchmark": name, "figure": f"vmap / PyTorch loop at K = {ks}",
-                   "value": ", ".join(f"{v['images_per_s'] / torch:.2f}x" for v in vmap.values())}
-        yield {"benchmark": name, "figure": f"vmap % of the {res['matmul_gflops_per_s']:.0f} GFLOP/s matmul rate at K = {ks}",
-               "value": ", ".join(f"{100 * v['matmul_fraction']:.0f}%" for v in vmap.values())}
+        name, ks = f"{res['architecture']} batch {res['batch_size']}", list(res["loop"])
+        loop, torch = res["loop"], res["torch"].get("images_per_s")
+        where = f"K = {', '.join(map(str, ks))}"
+        for layout in ensemble_throughput.LAYOUTS:
+            runs = res[layout]
+            yield {"benchmark": name, "figure": f"{layout} / jitted loop at {where}",
+                   "value": ", ".join(f"{runs[k]['images_per_s'] / loop[k]['images_per_s']:.2f}x" for k in ks)}
+            if torch:
+                yield {"benchmark": name, "figure": f"{layout} / PyTorch loop at {where}",
+                       "value": ", ".join(f"{runs[k]['images_per_s'] / torch:.2f}x" for k in ks)}
+            yield {"benchmark": name, "figure": f"{layout} % of the {res['matmul_gflops_per_s']:.0f} GFLOP/s matmul "
+                   f"rate at {where}", "value": ", ".join(f"{100 * runs[k]['matmul_fraction']:.0f}%" for k in ks)}
         for probe_name, probe in res["probes"].items():
             figure = f"probe '{probe_name}' (K = {probe['members']}) / jitted loop" + (" / PyTorch loop" if torch else "")
             value = f"{probe['vs_loop_same_K']:.2f}x" + (f" / {probe['vs_torch']:.2f}x" if torch else "")

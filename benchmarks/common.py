@@ -52,9 +52,10 @@ def metadata(module: str, argv: Sequence[str] | None, torch=None) -> dict:
 
 
 def write_json(path: str | os.PathLike, result: dict) -> None:
-    """Write ``result`` as indented JSON, atomically (temp file + rename)."""
+    """Write ``result`` as indented JSON, atomically (temp file + rename), readable by all."""
     text = json.dumps(result, indent=2, default=_jsonable) + "\n"
     atomic_write(path, lambda handle: handle.write(text.encode()))
+    os.chmod(path, 0o644)
 
 
 def _jsonable(value: Any) -> Any:

@@ -1,15 +1,16 @@
-"""Ensemble training throughput on CPU: the vmapped ensemble vs a loop of jitted models vs PyTorch.
+"""Ensemble training throughput on CPU: the library's ensemble layouts vs a loop of jitted models vs PyTorch.
 
 Run ``python -m benchmarks.ensemble_throughput`` (flags resize it; ``--help``); writes
 ``benchmarks/results/ensemble_throughput.json`` and prints a table. Fashion-MNIST (real images),
 the MLP (784-256-10) and the small CNN, the papers' SGD recipe at batch 512 (pretraining) and
 batch 64 (unlearning). Contenders, timed in the same process:
 
-* ``vmap`` -- what :func:`ascent_jax.ensemble.run` compiles: ``jit(vmap(epoch))`` of
-  :func:`ascent_jax.train.make_epoch` (the whole epoch is one ``lax.scan``, state donated,
-  data on device), K members at once;
-* ``loop`` -- the same single-model epoch jitted once and called for each of the K members in a
-  Python loop;
+* ``vmap`` and ``map`` -- the two layouts :func:`ascent_jax.ensemble.run` compiles
+  (:func:`ascent_jax.ensemble.compiled`) around :func:`ascent_jax.train.make_epoch`: one jitted
+  epoch (a ``lax.scan`` over steps, state donated, data on device) for K members, batched with
+  ``vmap`` or run one after another with ``lax.map``;
+* ``loop`` -- the same single-model epoch jitted once and called for each of the K members from
+  a Python loop;
 * ``torch`` -- a plain PyTorch per-model training loop of the same architecture (``bench`` extra),
   timed on ``--torch-models`` models (its per-model cost does not depend on K).
 
@@ -17,8 +18,8 @@ All contenders of one architecture and batch size, and a float32 matmul, are com
 then timed in interleaved rounds, so that load from other processes hits them alike. FLOPs are
 XLA's cost analysis of one compiled single-model train step times the number of model-steps (XLA
 counts a scan body once); the same count is used for PyTorch. Model-epochs/s are full
-60,000-image epochs, extrapolated from the measured images/s. Optional layout probes time
-alternatives the library could adopt (``--probes``).
+60,000-image epochs, extrapolated from the measured images/s. Optional probes (``--probes``) time
+epochs driven step by step from Python, i.e. without ``lax.scan``.
 """
 
 from __future__ import annotations
@@ -38,13 +39,12 @@ from benchmarks import common
 FULL_EPOCH = data.FASHION_MNIST.num_train
 SEED = 0
 NORM = train.Normalization(data.FASHION_MNIST.mean, data.FASHION_MNIST.std)
+LAYOUTS = ensemble.LAYOUTS
 PROBES = {
-    "map": "lax.map over members inside one jit (plain GEMMs, no per-model dispatch)",
     "steps": "jit(vmap(train step)) called once per step from Python (no lax.scan)",
     "model_steps": "jit(train step) of one model called once per step and model from Python (PyTorch's structure)",
 }
-
-LAYOUT_PROBES = "mlp:map,mlp:steps,mlp:model_steps,cnn:steps,cnn:model_steps"
+ALL_PROBES = "mlp:steps,mlp:model_steps,cnn:steps,cnn:model_steps"
 
 
 def _ints(text: str) -> list[int]:
@@ -58,6 +58,11 @@ def _rate(seconds: list[float], model_epochs: int, points: int, flops: float) ->
             "model_epochs_per_s": images / FULL_EPOCH, "gflops_per_s": flops / best / 1e9}
 
 
+def _timer(run):
+    """Wrap a blocking ``run()`` into a callable that returns its wall-clock seconds."""
+    return lambda: common.timed(run, 1)[0]
+
+
 def bench_architecture(arch: str, batch: int, member_counts: list[int], points: int, images: np.ndarray,
                        labels: np.ndarray, args, torch, probes: list[str], torch_note: str) -> dict:
     """All contenders for one architecture and batch size."""
@@ -67,10 +72,9 @@ def bench_architecture(arch: str, batch: int, member_counts: list[int], points: 
     shared = (jnp.asarray(images[:points]), jnp.asarray(labels[:points]))
     epoch = train.make_epoch(model, config, NORM, points)
     init = train.make_init(model, config, points, tuple(images.shape[1:]))
-    vinit, vepoch = ensemble.compiled(init, epoch)  # the pair ensemble.run compiles
-    probe_k = min(args.probe_members, max(member_counts))
     most = max(member_counts)
     subsets = np.broadcast_to(np.arange(points, dtype=np.int32), (most, points))
+    vinit, _ = ensemble.compiled(init, epoch, "vmap")
     initial = jax.device_get(vinit(ensemble.member_keys(SEED, np.arange(most)), subsets))
 
     def stacked(k):
@@ -95,40 +99,33 @@ def bench_architecture(arch: str, batch: int, member_counts: list[int], points: 
     step_flops = common.cost_flops(jax.jit(body).lower(state, shared, *example).compile())
     out = {"architecture": arch, "batch_size": batch, "points_per_timed_epoch": points, "steps_per_epoch": steps,
            "params": models.count_params(initial.variables) // most, "flops_per_model_step": step_flops,
-           "vmap": {}, "loop": {}, "probes": {}}
+           **{layout: {} for layout in LAYOUTS}, "loop": {}, "probes": {}}
 
     # Every contender is compiled first, then all are timed in interleaved rounds, so that a burst
     # of load from other processes hits them alike and their ratios stay comparable.
     contenders = {}  # (kind, key) -> (runner returning seconds, model-epochs per run, extra fields)
-    for k in member_counts:
-        state, member_subsets, member_keys = stacked(k)
-        rest = (shared, member_subsets, member_keys)
-        compiled, compile_s = common.compile_timed(vepoch, state, *rest, jnp.int32(0))
-        contenders["vmap", k] = (_timer(common.Stepper(compiled, [state], [rest])), k, {"compile_seconds": compile_s})
+    for layout in LAYOUTS:
+        _, layout_epoch = ensemble.compiled(init, epoch, layout)  # what ensemble.run(layout=...) compiles
+        for k in member_counts:
+            state, member_subsets, member_keys = stacked(k)
+            rest = (shared, member_subsets, member_keys)
+            compiled, compile_s = common.compile_timed(layout_epoch, state, *rest, jnp.int32(0))
+            contenders[layout, k] = (_timer(common.Stepper(compiled, [state], [rest])), k, {"compile_seconds": compile_s})
 
-    first, *_ = member(0)
-    compiled, compile_s = common.compile_timed(jax.jit(epoch, donate_argnums=0), first, shared, subsets[0],
+    compiled, compile_s = common.compile_timed(jax.jit(epoch, donate_argnums=0), member(0)[0], shared, subsets[0],
                                                jax.random.key(SEED), jnp.int32(0))
     for k in member_counts:
         members = [member(i) for i in range(k)]
         stepper = common.Stepper(compiled, [m[0] for m in members], [(shared, *m[1:]) for m in members])
         contenders["loop", k] = (_timer(stepper), k, {"compile_seconds": compile_s})
 
-    n = min(args.torch_models, most)
     if torch is not None:
+        n = min(args.torch_models, most)
         run = functools.partial(common.torch_train_models, arch, images[:points], labels[:points], models=n, epochs=1,
                                 batch_size=batch, mean=NORM.mean, std=NORM.std, peak_lr=config.peak_lr)
         contenders["torch", None] = (run, n, {"models_timed": n, "threads": torch.get_num_threads()})
 
-    if "map" in probes:
-        def mapped(states, data_set, member_subsets, member_keys, index):
-            return jax.lax.map(lambda m: epoch(m[0], data_set, m[1], m[2], index), (states, member_subsets, member_keys))
-
-        state, member_subsets, member_keys = stacked(probe_k)
-        rest = (shared, member_subsets, member_keys)
-        compiled, compile_s = common.compile_timed(jax.jit(mapped, donate_argnums=0), state, *rest, jnp.int32(0))
-        contenders["probe", "map"] = (_timer(common.Stepper(compiled, [state], [rest])), probe_k,
-                                      {"members": probe_k, "compile_seconds": compile_s})
+    probe_k = min(args.probe_members, most)
     if "steps" in probes:
         state, member_subsets, member_keys = stacked(probe_k)
         run, compile_s = _probe_steps(body, [state], shared, [member_subsets], [member_keys], config, steps,
@@ -158,18 +155,12 @@ def bench_architecture(arch: str, batch: int, member_counts: list[int], points: 
     return out
 
 
-def _timer(run):
-    """Wrap a blocking ``run()`` into a callable that returns its wall-clock seconds."""
-    return lambda: common.timed(run, 1)[0]
-
-
 def _probe_steps(body, states, shared, subsets, keys, config, steps, vmapped):
     """A timed epoch as Python loops over jitted train steps (the scan body outside ``lax.scan``).
 
-    Returns ``(runner returning seconds, compile seconds)``.
-
     ``vmapped``: one ``jit(vmap(step))`` call per step for the stacked members in ``states[0]``;
     otherwise one ``jit(step)`` call per step and model, model after model (PyTorch's structure).
+    Returns ``(runner returning seconds, compile seconds)``.
     """
 
     def plan(subset, key, index):
@@ -204,35 +195,41 @@ def summarize(results: list[dict]) -> tuple[list[dict], dict]:
     rows, targets = [], {}
     for res in results:
         torch = res["torch"].get("images_per_s")
-        for k, vmap in res["vmap"].items():
-            loop = res["loop"][k]["images_per_s"]
-            rows.append({
-                "arch": res["architecture"], "batch": res["batch_size"], "K": k, "vmap_img_s": vmap["images_per_s"],
-                "loop_img_s": loop, "torch_img_s": torch, "vs_loop": vmap["images_per_s"] / loop,
-                "vs_torch": vmap["images_per_s"] / torch if torch else None, "gflops": vmap["gflops_per_s"],
-                "matmul_pct": 100 * vmap["matmul_fraction"], "model_epochs_s": vmap["model_epochs_per_s"],
-            })
+        loop = {k: v["images_per_s"] for k, v in res["loop"].items()}
+        for k in loop:
+            row = {"arch": res["architecture"], "batch": res["batch_size"], "K": k, "loop": loop[k], "torch": torch}
+            for layout in LAYOUTS:
+                entry = res[layout][k]
+                row.update({layout: entry["images_per_s"], f"{layout}_vs_loop": entry["images_per_s"] / loop[k],
+                            f"{layout}_vs_torch": entry["images_per_s"] / torch if torch else None,
+                            f"{layout}_matmul_pct": 100 * entry["matmul_fraction"]})
+            rows.append(row)
         for probe in res["probes"].values():
             k = probe["members"]
-            probe["vs_vmap_same_K"] = probe["images_per_s"] / res["vmap"][k]["images_per_s"] if k in res["vmap"] else None
-            probe["vs_loop_same_K"] = probe["images_per_s"] / res["loop"][k]["images_per_s"] if k in res["loop"] else None
+            probe["vs_loop_same_K"] = probe["images_per_s"] / loop[k] if k in loop else None
             probe["vs_torch"] = probe["images_per_s"] / torch if torch else None
-        ratios = {k: v["images_per_s"] / res["loop"][k]["images_per_s"] for k, v in res["vmap"].items()}
-        entry = {"vmap_vs_loop_by_K": ratios, "vmap_ge_1x_loop_all_K": min(ratios.values()) >= 1.0}
-        if res["batch_size"] == 512:
-            fractions = {k: v["matmul_fraction"] for k, v in res["vmap"].items()}
-            entry.update(matmul_fraction_by_K=fractions, matmul_fraction_ge_60pct_all_K=min(fractions.values()) >= 0.6)
-        if res["batch_size"] == 64 and torch:
-            versus = {k: v["images_per_s"] / torch for k, v in res["vmap"].items()}
-            entry.update(vmap_vs_torch_by_K=versus, vmap_ge_3x_torch_all_K=min(versus.values()) >= 3.0)
+        entry = {}
+        for layout in LAYOUTS:
+            ratios = {k: v["images_per_s"] / loop[k] for k, v in res[layout].items()}
+            entry[f"{layout}_vs_loop_by_K"] = ratios
+            entry[f"{layout}_ge_1x_loop_all_K"] = min(ratios.values()) >= 1.0
+            if res["batch_size"] == 512:
+                fractions = {k: v["matmul_fraction"] for k, v in res[layout].items()}
+                entry[f"{layout}_matmul_fraction_by_K"] = fractions
+                entry[f"{layout}_ge_60pct_matmul_all_K"] = min(fractions.values()) >= 0.6
+            if res["batch_size"] == 64 and torch:
+                versus = {k: v["images_per_s"] / torch for k, v in res[layout].items()}
+                entry[f"{layout}_vs_torch_by_K"] = versus
+                entry[f"{layout}_ge_3x_torch_all_K"] = min(versus.values()) >= 3.0
         targets[f"{res['architecture']}_batch{res['batch_size']}"] = entry
     return rows, targets
 
 
-COLUMNS = [("arch", "arch", "s"), ("batch", "batch", "d"), ("K", "K", "d"), ("vmap_img_s", "vmap img/s", ",.0f"),
-           ("loop_img_s", "loop img/s", ",.0f"), ("torch_img_s", "torch img/s", ",.0f"), ("vs_loop", "vmap/loop", ".2f"),
-           ("vs_torch", "vmap/torch", ".2f"), ("gflops", "vmap GFLOP/s", ".1f"), ("matmul_pct", "% matmul", ".0f"),
-           ("model_epochs_s", "model-epochs/s", ".3f")]
+COLUMNS = [("arch", "arch", "s"), ("batch", "batch", "d"), ("K", "K", "d"), ("vmap", "vmap img/s", ",.0f"),
+           ("map", "map img/s", ",.0f"), ("loop", "loop img/s", ",.0f"), ("torch", "torch img/s", ",.0f"),
+           ("vmap_vs_loop", "vmap/loop", ".2f"), ("map_vs_loop", "map/loop", ".2f"),
+           ("vmap_vs_torch", "vmap/torch", ".2f"), ("map_vs_torch", "map/torch", ".2f"),
+           ("vmap_matmul_pct", "vmap %mm", ".0f"), ("map_matmul_pct", "map %mm", ".0f")]
 
 
 def main(argv=None) -> dict:
@@ -240,7 +237,7 @@ def main(argv=None) -> dict:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--models", default="mlp,cnn", help="architectures (mlp, cnn)")
     parser.add_argument("--members", type=_ints, default=[1, 8, 32, 100], help="ensemble sizes K for the MLP")
-    parser.add_argument("--cnn-members", type=_ints, default=[1, 2],
+    parser.add_argument("--cnn-members", type=_ints, default=[2],
                         help="ensemble sizes K for the CNN (XLA CPU runs its scanned epoch slowly; see README)")
     parser.add_argument("--batch-sizes", type=_ints, default=[512, 64], help="512: pretraining; 64: unlearning")
     parser.add_argument("--points", type=int, default=1024, help="Fashion-MNIST images per timed MLP epoch")
@@ -248,12 +245,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--torch-models", type=int, default=4,
                         help="models timed in the PyTorch loop (its per-model cost does not depend on K)")
     parser.add_argument("--repeats", type=int, default=5, help="most timed epochs per measurement (best is kept)")
-    parser.add_argument("--min-seconds", type=float, default=3.0, help="stop repeating once this much was timed")
-    parser.add_argument("--probes", default="",
-                        help=f"layout probes as comma-separated arch:probe (probe: {', '.join(PROBES)}), e.g. "
-                        f"{LAYOUT_PROBES}")
-    parser.add_argument("--probe-members", type=int, default=8,
-                        help="K of the layout probes (at most the architecture's largest K)")
+    parser.add_argument("--min-seconds", type=float, default=2.5, help="stop repeating once this much was timed")
+    parser.add_argument("--probes", default="", help=f"step-driven probes as comma-separated arch:probe (probe: "
+                        f"{', '.join(PROBES)}), e.g. {ALL_PROBES}")
+    parser.add_argument("--probe-members", type=int, default=8, help="K of the probes (at most the largest K)")
     parser.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n float32 matmul-rate probe")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch contender")
     parser.add_argument("--output", type=Path, default=common.RESULTS / "ensemble_throughput.json")
@@ -274,16 +269,17 @@ def main(argv=None) -> dict:
     rows, targets = summarize(results)
     matmul = [res["matmul_gflops_per_s"] for res in results]
     result = {
-        "benchmark": "ensemble training throughput: jit(vmap(epoch)) vs loop of jitted single models vs PyTorch loop",
+        "benchmark": "ensemble training throughput: ensemble.run's vmap and map layouts vs a loop of jitted single "
+                     "models vs a PyTorch loop",
         **meta,
         "load_average_1min": common.load_average(),
-        "data": "Fashion-MNIST train images (real), first --points of them per timed epoch",
+        "data": "Fashion-MNIST train images (real), the first --points / --cnn-points of them per timed epoch",
         "flops": "XLA cost_analysis of one compiled single-model train step x model-steps (scan bodies are counted once)",
         "model_epochs": f"full {FULL_EPOCH}-image epochs, extrapolated from images/s",
         "timing": ("contenders compiled first, then timed in interleaved rounds after one warm-up round; best epoch "
                    "of up to --repeats, fewer once --min-seconds were timed (a warm-up that long is the sample)"),
         "matmul": (f"float32 {args.matmul_size}^3 jnp.dot timed in the same interleaved rounds as each architecture "
-                   "and batch size; '% matmul' compares with that section's best"),
+                   "and batch size; matmul_fraction compares with that section's best"),
         "matmul_gflops_per_s": {"by_section": matmul, "best": max(matmul)},
         "torch": None if torch is not None else torch_note,
         "results": results,
@@ -291,12 +287,13 @@ def main(argv=None) -> dict:
     }
     common.write_json(args.output, result)
     print(common.table(rows, COLUMNS))
-    print(f"dense f32 matmul {min(matmul):.0f}-{max(matmul):.0f} GFLOP/s; load average {result['load_average_1min']:.2f}; "
-          f"wrote {args.output}")
+    print(f"img/s: training images per second over all K models; %mm: achieved GFLOP/s as % of the float32 matmul "
+          f"rate measured alongside ({min(matmul):.0f}-{max(matmul):.0f} GFLOP/s); load average "
+          f"{result['load_average_1min']:.2f}; wrote {args.output}")
     for res in results:
         for name, probe in res["probes"].items():
-            versus = [f"{probe[key]:.2f}x {label}" for key, label in
-                      (("vs_vmap_same_K", "vmap"), ("vs_loop_same_K", "loop"), ("vs_torch", "torch")) if probe[key]]
+            versus = [f"{probe[key]:.2f}x {label}" for key, label in (("vs_loop_same_K", "loop"), ("vs_torch", "torch"))
+                      if probe[key]]
             print(f"probe {res['architecture']} batch {res['batch_size']} K={probe['members']} {name}: "
                   f"{probe['images_per_s']:,.0f} img/s = {', '.join(versus)} ({probe['what']})")
     if torch is None:
