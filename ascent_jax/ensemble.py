@@ -56,6 +56,15 @@ def digest(array: np.ndarray) -> str:
 LAYOUTS = ("vmap", "map")
 
 
+def resolve_layout(layout: str) -> str:
+    """``"auto"`` -> ``"map"`` on CPU (plain GEMMs win there, see benchmarks/results), else ``"vmap"``."""
+    if layout == "auto":
+        return "map" if jax.default_backend() == "cpu" else "vmap"
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be auto or one of {', '.join(LAYOUTS)}, got {layout!r}")
+    return layout
+
+
 @functools.cache
 def compiled(init: Callable, epoch: Callable, layout: str = "vmap"):
     """The jitted ensemble pair for single-model ``init``/``epoch`` (cached: compile once per pair).
@@ -93,7 +102,7 @@ def run(
     mesh: jax.sharding.Mesh | None = None,
     desc: str = "ensemble",
     progress: bool = True,
-    layout: str = "vmap",
+    layout: str = "auto",
 ) -> EnsembleResult:
     """Run ``epochs`` epochs of ``epoch`` for members ``first_member .. first_member+num_members-1``.
 
@@ -101,7 +110,8 @@ def run(
     snapshots); ``config`` (JSON-able) is fingerprinted into every checkpoint, and a checkpoint
     from another configuration is refused. Checkpoints are written to ``checkpoint_dir`` as
     ``members-FIRST-LAST.npz``; rerunning the same call resumes from them. ``layout`` picks
-    how members are batched inside the jitted epoch (``"vmap"`` or ``"map"``, see :func:`compiled`).
+    how members are batched inside the jitted epoch (``"vmap"``, ``"map"`` or ``"auto"``, see
+    :func:`compiled` and :func:`resolve_layout`).
     """
     if num_members <= 0:
         raise ValueError(f"ensemble size must be positive, got {num_members}")
@@ -109,9 +119,7 @@ def run(
         raise ValueError(f"number of epochs must be positive, got {epochs}")
     chunk_size = min(chunk_size or num_members, num_members)
     tag = fingerprint({"config": config, "seed": seed, "epochs": epochs})
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    vinit, vepoch = compiled(init, epoch, layout)
+    vinit, vepoch = compiled(init, epoch, resolve_layout(layout))
     starts = range(0, num_members, chunk_size)
     bar = tqdm(total=len(starts) * epochs, desc=desc, disable=not progress, unit="epoch", dynamic_ncols=True)
     states, histories = [], []

@@ -28,7 +28,15 @@ from pathlib import Path
 import numpy as np
 
 from ascent_jax import checkpoint, data, datamodels, ensemble, models, train
-from ascent_jax.cli import positive_float, positive_int, run_main
+from ascent_jax.cli import (
+    ArgumentParser,
+    check_writable,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    read_run_file,
+    run_main,
+)
 
 MANIFEST = "forget_sets.json"
 # Below this mean LDS the datamodels barely predict anything and PC-aligned sets are ~random.
@@ -107,7 +115,10 @@ def _read_values(path: Path) -> list:
     suffix = path.suffix.lower()
     try:
         if suffix == ".npy":
-            array = np.load(path, allow_pickle=False)
+            try:
+                array = np.load(path, allow_pickle=False)
+            except ValueError as error:
+                raise ValueError(f"forget set file {path}: cannot read it: {error}") from None
             if array.ndim != 1:
                 raise ValueError(f"forget set file {path}: expected a 1-D array, got shape {array.shape}")
             return array.tolist()
@@ -160,11 +171,11 @@ def load_index_file(path: str | os.PathLike, num_points: int) -> np.ndarray:
     bad = [v for v, c in zip(values, converted) if c is None]
     if bad:
         _fail(path, "non-integer values", bad)
+    if any(c < 0 for c in converted):
+        _fail(path, "negative indices", [c for c in converted if c < 0])
+    if any(c >= num_points for c in converted):
+        _fail(path, f"indices out of range [0, {num_points})", [c for c in converted if c >= num_points])
     indices = np.asarray(converted, np.int64)
-    if (indices < 0).any():
-        _fail(path, "negative indices", indices[indices < 0].tolist())
-    if (indices >= num_points).any():
-        _fail(path, f"indices out of range [0, {num_points})", indices[indices >= num_points].tolist())
     unique, counts = np.unique(indices, return_counts=True)
     if (counts > 1).any():
         _fail(path, "duplicate indices", unique[counts > 1].tolist())
@@ -211,7 +222,7 @@ def _fraction(text: str) -> float:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m ascent_jax.forget_sets", description=__doc__,
+    parser = ArgumentParser(prog="python -m ascent_jax.forget_sets", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=sorted(data.DATASETS), default="fashion_mnist")
     parser.add_argument("--import", dest="imports", nargs="+", metavar="FILE", default=None,
@@ -237,7 +248,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--split-size", type=positive_int, default=250, help="top and bottom count of the "
                         "top+bottom sets (default 250)")
     parser.add_argument("--pcs", type=_int_list, default=(1, 2), help="PCs to build sets on (default 1,2)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the subset, masks, models and random sets")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the subset, masks, models and random sets")
     parser.add_argument("--data-dir", default=None, help="folder with the data set files")
     parser.add_argument("--out", default="runs/forget_sets", help="output directory (default runs/forget_sets)")
     parser.add_argument("--no-progress", action="store_true", help="disable the progress bars")
@@ -247,6 +258,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _import_sets(args, out: Path) -> int:
     info = data.get_info(args.dataset)
     _, labels = data.load(args.dataset, "train", args.data_dir)
+    if (out / "run.json").exists():
+        raise ValueError(f"{out} holds computed forget sets ({out / 'run.json'}); import into another --out")
+    names = [Path(f).stem for f in args.imports]
+    clashes = [f for f in args.imports if names.count(Path(f).stem) > 1]
+    if clashes:
+        raise ValueError(f"imported files must have distinct names (a set is named after its file): "
+                         f"{', '.join(map(str, clashes))}")
     sets = {Path(f).stem: load_index_file(f, len(labels)) for f in args.imports}
     provenance = {"dataset": args.dataset, "source": "imported", "files": [str(Path(f).resolve()) for f in args.imports]}
     manifest = write_sets(out, sets, labels, info.num_classes, provenance)
@@ -284,9 +302,7 @@ def _plot_pc_images(path: Path, images: np.ndarray, labels: np.ndarray, class_na
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
-    existing = next((p for p in [out, *out.parents] if p.exists()), Path("."))
-    if not os.access(existing, os.W_OK):
-        raise PermissionError(f"output directory {out} is not writable; pass --out to a writable folder")
+    check_writable(out)
     if args.imports:
         return _import_sets(args, out)
     info = data.get_info(args.dataset)
@@ -314,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     run_tag = ensemble.fingerprint({k: provenance[k] for k in ("dataset", "model", "models", "alpha", "seed",
                                                                 "subset_size", "subset_digest", "train")})
     tag_file = out / "run.json"
-    if tag_file.exists() and json.loads(tag_file.read_text()).get("fingerprint") != run_tag:
+    if tag_file.exists() and read_run_file(tag_file).get("fingerprint") != run_tag:
         raise ValueError(f"{out} holds a run with other settings ({tag_file}); use another --out or delete it")
     checkpoint.atomic_write(tag_file, lambda h: h.write(json.dumps({"fingerprint": run_tag, **provenance},
                                                                   indent=2).encode()))

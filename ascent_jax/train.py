@@ -22,6 +22,10 @@ from ascent_jax import batches, ensemble
 from ascent_jax.models import Model
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Training recipe; defaults are "Ascent Fails to Forget"'s ResNet-9 CIFAR-10 recipe.
@@ -47,8 +51,8 @@ class TrainConfig:
 
     def __post_init__(self):
         checks = [
-            (self.epochs > 0, f"epochs must be positive, got {self.epochs}"),
-            (self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}"),
+            (_is_count(self.epochs), f"epochs must be a positive integer, got {self.epochs!r}"),
+            (_is_count(self.batch_size), f"batch_size must be a positive integer, got {self.batch_size!r}"),
             (math.isfinite(self.peak_lr) and self.peak_lr > 0, f"peak_lr must be a positive finite number, got {self.peak_lr}"),
             (0 < self.peak_fraction < 1, f"peak_fraction must lie in (0, 1), got {self.peak_fraction}"),
             (self.schedule in ("triangular", "cosine"), f"schedule must be 'triangular' or 'cosine', got {self.schedule!r}"),
@@ -197,7 +201,7 @@ def train_ensemble(
     mesh: jax.sharding.Mesh | None = None,
     progress: bool = True,
     desc: str = "pretrain",
-    layout: str = "vmap",
+    layout: str = "auto",
 ) -> ensemble.EnsembleResult:
     """Train members ``first_member ..``; member ``i`` uses key ``fold_in(key(seed), i)``.
 
@@ -205,6 +209,8 @@ def train_ensemble(
     training subset -- oracles (retain set) and datamodel subsets use it; ``None`` trains
     every member on all of ``images``. Returns final variables stacked over members (numpy).
     """
+    if not _is_count(num_members):
+        raise ValueError(f"ensemble size must be positive, got {num_members!r}")
     if subsets is None:
         subsets = np.broadcast_to(np.arange(len(images)), (num_members, len(images)))
     subsets = np.asarray(subsets)

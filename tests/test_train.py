@@ -169,7 +169,7 @@ def test_checkpoint_resume_and_refusal(tmp_path, fashion_small, fashion_norm):
 
 
 @pytest.mark.parametrize("bad,message", [
-    (dict(epochs=0), "epochs must be positive, got 0"),
+    (dict(epochs=0), "epochs must be a positive integer, got 0"),
     (dict(peak_lr=float("nan")), "peak_lr must be a positive finite number, got nan"),
     (dict(peak_lr=-1.0), "peak_lr must be a positive finite number, got -1.0"),
     (dict(schedule="step"), "schedule must be 'triangular' or 'cosine', got 'step'"),

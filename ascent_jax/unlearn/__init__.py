@@ -1,7 +1,7 @@
 """Unlearning methods as pure single-model functions, vmapped over replicas by the ensemble runner.
 
 Built-in methods (registered on import): ``do_nothing``, ``retrain`` (and partial retraining as
-its snapshots), ``ga``, ``gda``, ``scrub``, ``finetune``, ``om``. See ``README.md`` here for the
+its snapshots), ``ga``, ``gda``, ``scrub``, ``finetune``, ``om``, ``dmm``. See ``README.md`` here for the
 method table, grids, batch-norm policy, optimiser and how to add a method.
 """
 
@@ -23,6 +23,7 @@ from ascent_jax.unlearn.base import (
     margin_function,
     names,
     register,
+    relative_cost,
     run_pass,
     set_learning_rate,
     sgd,
@@ -32,14 +33,20 @@ from ascent_jax.unlearn.base import (
     unlearn,
 )
 from ascent_jax.unlearn.gradient import FineTuneConfig, GradientAscentConfig, GradientDescentAscentConfig
-from ascent_jax.unlearn.matching import OracleMatchingConfig, split_oracles, target_logits
+from ascent_jax.unlearn.matching import (
+    DatamodelMatchingConfig,
+    OracleMatchingConfig,
+    datamodel_targets,
+    split_oracles,
+    target_logits,
+)
 from ascent_jax.unlearn.reference import DoNothingConfig, RetrainConfig
 from ascent_jax.unlearn.scrub import ScrubConfig
 
 __all__ = [
-    "DoNothingConfig", "FineTuneConfig", "GradientAscentConfig", "GradientDescentAscentConfig", "MemberInput",
+    "DatamodelMatchingConfig", "DoNothingConfig", "FineTuneConfig", "GradientAscentConfig", "GradientDescentAscentConfig", "MemberInput",
     "Method", "MethodConfig", "OracleMatchingConfig", "RetrainConfig", "ScrubConfig", "UnlearnData",
-    "UnlearnResult", "all_finite", "ascent_pass", "derived_seed", "descent_pass", "get", "gradient_step", "grids",
-    "learning_rate", "make", "margin_function", "names", "register", "run_pass", "set_learning_rate", "sgd",
+    "UnlearnResult", "all_finite", "ascent_pass", "datamodel_targets", "derived_seed", "descent_pass", "get", "gradient_step", "grids",
+    "learning_rate", "make", "margin_function", "names", "register", "relative_cost", "run_pass", "set_learning_rate", "sgd",
     "single_model", "split_indices", "split_oracles", "stream_key", "target_logits", "unlearn",
 ]

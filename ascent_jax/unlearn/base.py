@@ -216,7 +216,8 @@ class Method(NamedTuple):
     ``init(key, data, cfg) -> state`` (default: the pretrained model and an SGD state).
     ``from_scratch`` methods ignore the pretrained models and run under a seed derived from the
     user's (:func:`derived_seed`), so they never replay pretraining's keys. ``needs_targets``
-    methods require per-replica target logits.
+    methods require per-replica target logits. ``cost(cfg, num_forget, num_retain)`` counts the
+    example-gradients one replica computes (``None``: unknown), for the papers' cost axis.
     """
 
     name: str
@@ -225,21 +226,27 @@ class Method(NamedTuple):
     init: Callable
     from_scratch: bool
     needs_targets: bool
+    cost: Callable[[Any, int, int], float] | None = None
 
 
 _METHODS: dict[str, Method] = {}
 
 
 def register(name: str, config: type, epoch: Callable, *, init: Callable | None = None,
-             from_scratch: bool = False, needs_targets: bool = False) -> Method:
-    """Register ``epoch`` (pure, one model) under ``name`` with its frozen config dataclass."""
+             from_scratch: bool = False, needs_targets: bool = False,
+             cost: Callable[[Any, int, int], float] | None = None) -> Method:
+    """Register ``epoch`` (pure, one model) under ``name`` with its frozen config dataclass.
+
+    ``cost(cfg, num_forget, num_retain)``, optional, is the number of example-gradients one
+    replica computes in a run of ``cfg`` (see :func:`relative_cost`).
+    """
     if not (dataclasses.is_dataclass(config) and isinstance(config, type) and config.__dataclass_params__.frozen):
         raise ValueError(f"config of method {name!r} must be a frozen dataclass type, got {config!r}")
     if name in _METHODS:
         raise ValueError(f"an unlearning method named {name!r} is already registered")
     if any(method.config is config for method in _METHODS.values()):
         raise ValueError(f"{config.__name__} is already the config of another method; give {name!r} its own class")
-    method = Method(name, config, epoch, init or start_from_pretrained, from_scratch, needs_targets)
+    method = Method(name, config, epoch, init or start_from_pretrained, from_scratch, needs_targets, cost)
     _METHODS[name] = method
     return method
 
@@ -265,6 +272,18 @@ def get(name_or_config: str | Any) -> Method:
 def make(name: str, **hyperparameters: Any) -> Any:
     """A config of method ``name``, e.g. ``make("ga", lr=1e-3, epochs=5)``."""
     return get(name).config(**hyperparameters)
+
+
+def relative_cost(config: Any, num_forget: int, num_retain: int, retrain_epochs: int) -> float:
+    """Example-gradients of a run of ``config`` over those of retraining (``retrain_epochs`` x retain set).
+
+    The papers' x-axis ("compute relative to full retraining"); NaN for a method registered
+    without a ``cost``.
+    """
+    method = get(config)
+    if method.cost is None:
+        return float("nan")
+    return float(method.cost(config, num_forget, num_retain)) / (retrain_epochs * num_retain)
 
 
 def derived_seed(seed: int, purpose: str) -> int:

@@ -69,6 +69,11 @@ def fine_tune_epoch(state, data, key, epoch_index, cfg: FineTuneConfig):
     return state, {"retain_loss": retain_loss}
 
 
-base.register("ga", GradientAscentConfig, gradient_ascent_epoch)
-base.register("gda", GradientDescentAscentConfig, gradient_descent_ascent_epoch)
-base.register("finetune", FineTuneConfig, fine_tune_epoch)
+def descent_ascent_cost(cfg, num_forget: int, num_retain: int) -> int:
+    """Example-gradients of GDA-shaped methods: ascent passes on the forget set plus descent on the retain set."""
+    return min(cfg.ascent_epochs, cfg.epochs) * num_forget + cfg.epochs * num_retain
+
+
+base.register("ga", GradientAscentConfig, gradient_ascent_epoch, cost=lambda cfg, f, r: cfg.epochs * f)
+base.register("gda", GradientDescentAscentConfig, gradient_descent_ascent_epoch, cost=descent_ascent_cost)
+base.register("finetune", FineTuneConfig, fine_tune_epoch, cost=lambda cfg, f, r: cfg.epochs * r)

@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.special
 
 from ascent_jax import train
 from ascent_jax.models import Model
@@ -81,4 +82,36 @@ def split_oracles(variables: Any, num_eval: int) -> tuple[Any, Any]:
     return head, tail
 
 
-base.register("om", OracleMatchingConfig, oracle_matching_epoch, needs_targets=True)
+@dataclasses.dataclass(frozen=True)
+class DatamodelMatchingConfig(OracleMatchingConfig):
+    """DMM (datamodel-matching paper, Algorithm C.3): OM towards DM-direct's predictions, not an oracle's outputs."""
+
+
+def datamodel_targets(pretrained_logits: np.ndarray, labels: np.ndarray, predicted_margins: np.ndarray) -> np.ndarray:
+    """DMM targets from margin datamodels: each pretrained model's logits with the true class shifted.
+
+    Our datamodels predict margins (Algorithm C.2 on margins, :func:`ascent_jax.datamodels.dm_direct_margins`),
+    not the paper's per-class logits, so the target of point x is the pretrained logits with the
+    true-class logit set to ``h(x) + logsumexp`` of the others: its margin is exactly ``h(x)``
+    and the other classes are left as the pretrained model has them. Shapes ``(K, n, C)``,
+    ``(n,)``, ``(K, n)`` -> ``(K, n, C)``.
+    """
+    logits = np.asarray(pretrained_logits, np.float32)
+    labels = np.asarray(labels)
+    predicted = np.asarray(predicted_margins, np.float32)
+    if logits.ndim != 3 or predicted.shape != logits.shape[:2] or labels.shape != logits.shape[1:2]:
+        raise ValueError(f"need logits (K, n, C), labels (n,) and predicted margins (K, n); got {logits.shape}, "
+                         f"{labels.shape} and {predicted.shape}")
+    others = scipy.special.logsumexp(np.where(np.arange(logits.shape[-1]) == labels[:, None], -np.inf, logits), axis=-1)
+    targets = logits.copy()
+    np.put_along_axis(targets, labels[None, :, None], (others + predicted)[..., None], axis=-1)
+    return targets
+
+
+def matching_cost(cfg: OracleMatchingConfig, num_forget: int, num_retain: int) -> int:
+    """Example-gradients of OM/DMM: each epoch the forget set plus the retain sample."""
+    return cfg.epochs * (num_forget + retain_sample_size(cfg, num_retain))
+
+
+base.register("om", OracleMatchingConfig, oracle_matching_epoch, needs_targets=True, cost=matching_cost)
+base.register("dmm", DatamodelMatchingConfig, oracle_matching_epoch, needs_targets=True, cost=matching_cost)

@@ -59,5 +59,6 @@ def retrain_epoch(state, data, key, epoch_index, cfg: RetrainConfig):
     return epoch(state, (data.images, data.labels), data.retain, key, epoch_index)
 
 
-base.register("do_nothing", DoNothingConfig, do_nothing_epoch, init=do_nothing_init)
-base.register("retrain", RetrainConfig, retrain_epoch, init=retrain_init, from_scratch=True)
+base.register("do_nothing", DoNothingConfig, do_nothing_epoch, init=do_nothing_init, cost=lambda cfg, f, r: 0)
+base.register("retrain", RetrainConfig, retrain_epoch, init=retrain_init, from_scratch=True,
+              cost=lambda cfg, f, r: cfg.epochs * r)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from ascent_jax import train
 from ascent_jax.unlearn import base
+from ascent_jax.unlearn.gradient import descent_ascent_cost
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,4 +95,4 @@ def scrub_epoch(state, data, key, epoch_index, cfg: ScrubConfig):
     return state, {"forget_kl": forget_kl, "retain_loss": retain_loss, "lr": base.learning_rate(state)}
 
 
-base.register("scrub", ScrubConfig, scrub_epoch)
+base.register("scrub", ScrubConfig, scrub_epoch, cost=descent_ascent_cost)

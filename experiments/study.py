@@ -1,0 +1,404 @@
+"""The unlearning study, end to end, shared by ``experiments.fashion`` and ``experiments.cifar``.
+
+Pretrain N replicas; retrain 2N oracles per forget set (0..N-1 are what KLoM compares with,
+N..2N-1 are oracle matching's targets); run every config of every method's grid on the N
+replicas; score every config -- diverged or not -- by KLoM on the forget, retain and
+validation (test) points against the oracles. Every stage is cached in the run directory,
+so a rerun (after a crash or a kill) resumes where it stopped and rebuilds the same table:
+
+    run.json                    what the directory holds (another configuration is refused)
+    pretrain/                   per-epoch checkpoints of the N replicas
+    sets/SET/oracles.npz        margins of the 2N oracles, target logits of oracles N..2N-1
+    sets/SET/rows/RUN.csv       result rows of one grid run (one row per epoch count)
+    work/                       checkpoints of the run in progress (pruned once it is done)
+    results.parquet / .csv      one row per (forget set, method, hyper-parameters, epochs)
+
+Reference rows sit beside the methods in the table: ``pretrained`` (do nothing) and
+``oracle`` -- the N target oracles scored against the N evaluation oracles, i.e. the KLoM of
+perfect unlearning at this N (the noise floor). With datamodels, ``dm_direct`` (train points
+only: the datamodels predict train margins) and the ``dmm`` method are added.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from ascent_jax import checkpoint, datamodels, ensemble, forget_sets, klom, train, unlearn
+from ascent_jax.cli import non_negative_int, positive_float, positive_int, read_run_file
+from ascent_jax.models import Model
+from ascent_jax.unlearn import grids
+from experiments import plots
+
+
+@dataclasses.dataclass
+class Setup:
+    """What a study runs on and what it runs; built and validated by the CLIs before any output."""
+
+    dataset: str
+    model: Model
+    train: train.TrainConfig
+    images: np.ndarray  # the study's training points (uint8 NHWC)
+    labels: np.ndarray
+    subset: np.ndarray  # their indices in the full train split
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    norm: train.Normalization
+    ensemble: int
+    seed: int
+    forget_sets: dict[str, np.ndarray]  # name -> full-split indices
+    methods: tuple[str, ...]
+    grid: str
+    lr: float | None = None
+    datamodel_matrix: np.ndarray | None = None  # (n, n) margin datamodels on the study points
+    chunk_size: int | None = None
+    mesh: Any = None
+    layout: str = "auto"
+    keep_checkpoints: bool = False
+    progress: bool = True
+
+    def fingerprint_config(self) -> dict:
+        """What pretraining and the oracles depend on: a run directory holds exactly one of these."""
+        return {"dataset": self.dataset, "model": self.model.name, "train": dataclasses.asdict(self.train),
+                "ensemble": self.ensemble, "seed": self.seed, "subset": ensemble.digest(self.subset),
+                "test": ensemble.digest(self.test_labels)}
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, ensemble_size: int, model: str, models: list[str], epochs: int,
+                  grid: str, out: str, forget_help: str) -> None:
+    """The flags both study CLIs share (the issue's list plus chunking, checkpoints and progress)."""
+    parser.add_argument("--ensemble", type=positive_int, default=ensemble_size,
+                        help=f"replicas N; 2N oracles are trained per forget set (default {ensemble_size})")
+    parser.add_argument("--model", choices=models, default=model, help=f"architecture (default {model})")
+    parser.add_argument("--epochs", type=positive_int, default=epochs, help=f"pretraining epochs (default {epochs})")
+    parser.add_argument("--pretrain-lr", type=positive_float, default=0.4, help="peak pretraining learning rate (default 0.4)")
+    parser.add_argument("--batch-size", type=positive_int, default=512, help="pretraining batch size (default 512)")
+    parser.add_argument("--method", action="append", default=None,
+                        help="unlearning method, repeatable (default: every method of the grid; "
+                             f"registered: {', '.join(grid_methods())})")
+    parser.add_argument("--lr", type=positive_float, default=None,
+                        help="run every method at this learning rate instead of its grid's rates")
+    parser.add_argument("--forget-set", action="append", default=None, metavar="NAME|FILE", help=forget_help)
+    parser.add_argument("--grid", default=grid, help=f"grid preset: {', '.join(grids.PRESETS)} (default {grid})")
+    parser.add_argument("--data-dir", default=None, help="folder with the data set files")
+    parser.add_argument("--out", default=out, help=f"run directory (default {out}); rerunning resumes")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="base seed (replica i uses fold_in(key(seed), i))")
+    parser.add_argument("--chunk-size", type=positive_int, default=None,
+                        help="replicas trained at once (default: all); lower it to fit memory")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="keep every finished run's checkpoints under RUN_DIR/work (default: prune them)")
+    parser.add_argument("--no-progress", action="store_true", help="disable progress bars")
+
+
+def grid_methods() -> tuple[str, ...]:
+    """Registered methods that a grid can run (the references are run separately)."""
+    return tuple(name for name in unlearn.names() if name not in ("do_nothing", "retrain"))
+
+
+def check_methods(requested: list[str] | None, grid: str, has_datamodels: bool) -> tuple[str, ...]:
+    """The methods to run, validated against the registry and the grid preset."""
+    if grid not in grids.PRESETS:
+        raise ValueError(f"unknown grid preset {grid!r}; choose one of {', '.join(grids.PRESETS)}")
+    available = [m for m in grid_methods() if m in grids.PRESETS[grid]]
+    if requested is None:
+        return tuple(m for m in available if m != "dmm" or has_datamodels)
+    for name in requested:
+        unlearn.get(name)  # unknown names: the registry's message
+        if name not in grids.PRESETS[grid]:
+            raise ValueError(f"grid {grid!r} has no configs for method {name!r}; it covers {', '.join(available)}")
+        if name == "dmm" and not has_datamodels:
+            raise ValueError("method dmm needs datamodels: pass --datamodels (datamodels.npz of ascent_jax.forget_sets)")
+    return tuple(dict.fromkeys(requested))
+
+
+def resolve_forget_sets(requested: list[str], available: dict[str, np.ndarray], num_train: int,
+                        subset: np.ndarray) -> dict[str, np.ndarray]:
+    """Forget sets by name (of ``available``), ``all``, or index file; each must lie in the study subset."""
+    chosen: dict[str, np.ndarray] = {}
+    for item in requested:
+        if item == "all":
+            chosen.update(available)
+        elif item in available:
+            chosen[item] = available[item]
+        elif Path(item).suffix in (".npy", ".txt", ".json") or Path(item).exists():
+            chosen[Path(item).stem] = forget_sets.load_index_file(item, num_train)
+        else:
+            raise ValueError(f"unknown forget set {item!r}: give a set name ({', '.join(available) or 'none available'}), "
+                             "'all', or an index file (.npy/.txt/.json)")
+    for name, indices in chosen.items():
+        outside = np.setdiff1d(indices, subset)
+        if outside.size:
+            raise ValueError(f"forget set {name}: {outside.size} indices are not in the study's training subset, "
+                             f"e.g. {outside[:5].tolist()}; forget sets must be drawn from the study points")
+        if len(indices) >= len(subset):
+            raise ValueError(f"forget set {name} has {len(indices)} points, nothing of the {len(subset)} study points "
+                             "would be retained")
+    return chosen
+
+
+def grid_configs(method: str, grid: str, lr: float | None) -> list:
+    """The grid's configs for ``method``; with ``lr`` every config runs at that rate instead (deduplicated)."""
+    configs = grids.expand(method, grid)
+    if lr is not None:
+        configs = list(dict.fromkeys(dataclasses.replace(c, lr=lr) for c in configs))
+    return configs
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring
+
+
+def accuracy(margins: np.ndarray) -> float:
+    """Fraction of (replica, point) pairs classified correctly (margin > 0; NaN counts as wrong)."""
+    with np.errstate(invalid="ignore"):
+        return float(np.mean(margins > 0)) if margins.size else float("nan")
+
+
+def score(oracle: np.ndarray, unlearned: np.ndarray, positions: dict[str, np.ndarray]) -> dict[str, float]:
+    """KLoM p95/mean per split vs the evaluation oracles, on all replicas and on halves A/B; accuracies."""
+    values = klom.klom(oracle, unlearned)
+    row: dict[str, float] = {}
+    for split, where in positions.items():
+        part = values[where]
+        finite = part[np.isfinite(part)]
+        row[f"klom_p95_{split}"] = float(np.percentile(finite, 95)) if finite.size else float("nan")
+        row[f"klom_mean_{split}"] = float(np.mean(finite)) if finite.size else float("nan")
+        row[f"acc_{split}"] = accuracy(unlearned[:, where])
+    half = len(unlearned) // 2
+    for name, rows in (("a", slice(0, half)), ("b", slice(half, None))):
+        if half >= 2:
+            forget = klom.klom(oracle[:, positions["forget"]], unlearned[rows][:, positions["forget"]])
+            row[f"klom_p95_forget_{name}"] = float(np.percentile(forget, 95))
+        else:
+            row[f"klom_p95_forget_{name}"] = float("nan")
+        row[f"acc_val_{name}"] = accuracy(unlearned[rows][:, positions["val"]])
+    return row
+
+
+def device_name() -> str:
+    """The accelerator (or CPU) the study runs on, for the table."""
+    device = jax.devices()[0]
+    return f"{device.platform}:{device.device_kind}"
+
+
+# --------------------------------------------------------------------------------------------
+# Stages
+
+
+class Study:
+    """Runs the stages of :class:`Setup` into a run directory; every stage is cached there."""
+
+    def __init__(self, setup: Setup, out: Path):
+        self.setup, self.out = setup, Path(out)
+        self.num_train = len(setup.images)
+        self.eval_labels = np.concatenate([setup.labels, setup.test_labels])
+        self.device = device_name()
+
+    # ---- bookkeeping
+
+    def claim(self) -> None:
+        """Create the run directory, or check that it holds this configuration."""
+        config = self.setup.fingerprint_config()
+        tag = ensemble.fingerprint(config)
+        path = self.out / "run.json"
+        if path.exists():
+            held = read_run_file(path)
+            if held.get("fingerprint") != tag:
+                differ = sorted(k for k in config if held.get("config", {}).get(k) != json.loads(json.dumps(config[k])))
+                raise ValueError(f"{self.out} holds a study with another configuration (differs in: "
+                                 f"{', '.join(differ) or 'fingerprint'}); use another --out, or delete {self.out} to "
+                                 "start fresh")
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_write(path, lambda h: h.write(json.dumps({"fingerprint": tag, "config": config},
+                                                                     indent=2, default=str).encode()))
+
+    def prune(self, directory: Path) -> None:
+        if not self.setup.keep_checkpoints:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    def positions(self, forget: np.ndarray) -> dict[str, np.ndarray]:
+        """Positions of the forget / retain / validation points in the evaluation margins."""
+        forget_pos = datamodels.positions_in_subset(self.setup.subset, forget)
+        retain_pos = np.setdiff1d(np.arange(self.num_train), forget_pos)
+        return {"forget": forget_pos, "retain": retain_pos,
+                "val": np.arange(self.num_train, self.num_train + len(self.setup.test_labels))}
+
+    # ---- stages
+
+    def pretrain(self) -> tuple[Any, np.ndarray]:
+        """The N pretrained replicas (variables) and their margins on the evaluation points."""
+        s = self.setup
+        result = train.train_ensemble(s.model, s.train, s.images, s.labels, s.norm, seed=s.seed,
+                                      num_members=s.ensemble, chunk_size=s.chunk_size,
+                                      checkpoint_dir=self.out / "pretrain", mesh=s.mesh, progress=s.progress,
+                                      desc="pretrain", layout=s.layout)
+        margins_of = unlearn.margin_function(s.model, s.norm, np.concatenate([s.images, s.test_images]), self.eval_labels)
+        margins = margins_of(result.states)
+        test_accuracy = np.mean(margins[:, self.num_train:] > 0, axis=1)
+        table = pd.DataFrame({"member": np.arange(s.ensemble), "model": s.model.name, "epochs": s.train.epochs,
+                              "train_loss": result.metrics["loss"][-1], "test_accuracy": test_accuracy})
+        checkpoint.atomic_write(self.out / "pretrain_accuracy.csv", lambda h: h.write(table.to_csv(index=False).encode()))
+        print(f"pretrained replicas: test accuracy mean {test_accuracy.mean():.4f}, min {test_accuracy.min():.4f}, "
+              f"max {test_accuracy.max():.4f} (per member: {self.out / 'pretrain_accuracy.csv'})", flush=True)
+        return result.states, margins
+
+    def oracles(self, name: str, forget: np.ndarray) -> dict[str, np.ndarray]:
+        """2N oracles retrained without ``forget``: margins of all, target logits of N..2N-1 (cached)."""
+        s = self.setup
+        path = self.out / "sets" / name / "oracles.npz"
+        if path.exists():
+            with np.load(path) as archive:
+                return dict(archive)
+        positions = datamodels.positions_in_subset(s.subset, forget)
+        work = self.out / "work" / name / "oracles"
+        result = unlearn.unlearn(unlearn.RetrainConfig(train=s.train), s.model, None, s.images, s.labels, s.norm,
+                                 positions, seed=s.seed, num_members=2 * s.ensemble, test_images=s.test_images,
+                                 test_labels=s.test_labels, keep_variables=True, chunk_size=s.chunk_size,
+                                 checkpoint_dir=work, mesh=s.mesh, progress=s.progress)
+        _, targets = unlearn.split_oracles(result.variables[s.train.epochs], s.ensemble)
+        arrays = {"margins": result.margins[s.train.epochs],
+                  "target_logits": unlearn.target_logits(s.model, targets, s.images, s.norm).astype(np.float32)}
+        checkpoint.atomic_write(path, lambda h: np.savez(h, **arrays))
+        self.prune(work)
+        return arrays
+
+    def reference_rows(self, name: str, forget: np.ndarray, oracle: dict, pretrained_margins: np.ndarray,
+                       dm_margins: np.ndarray | None) -> list[dict]:
+        """The pretrained model, the independent oracles (noise floor) and DM-direct, scored like methods."""
+        n = self.setup.ensemble
+        positions = self.positions(forget)
+        evaluation = oracle["margins"][:n]
+        rows = [self.row(name, forget, "pretrained", {}, 0.0, score(evaluation, pretrained_margins, positions)),
+                self.row(name, forget, "oracle", {}, 1.0, score(evaluation, oracle["margins"][n:], positions))]
+        if dm_margins is not None:
+            train_positions = {k: v for k, v in positions.items() if k != "val"}
+            scores = score(evaluation[:, : self.num_train], dm_margins, {**train_positions, "val": np.arange(0)})
+            rows.append(self.row(name, forget, "dm_direct", {}, 0.0, scores))
+        return rows
+
+    def row(self, name, forget, method, params: dict, cost: float, scores: dict, **extra) -> dict:
+        """One tidy result row."""
+        return {"forget_set": name, "forget_size": len(forget), "method": method,
+                "params": json.dumps(params, sort_keys=True), "lr": params.get("lr", np.nan),
+                "epochs": params.get("epochs", 0), **scores, "diverged": False, "diverged_fraction": 0.0,
+                "diverged_fraction_a": 0.0, "diverged_epoch": -1, "relative_cost": cost, "wall_time_s": 0.0,
+                "device": self.device, "ensemble": self.setup.ensemble, "model": self.setup.model.name,
+                "dataset": self.setup.dataset, **extra}
+
+    def grid_run(self, name: str, forget: np.ndarray, run: grids.Run, pretrained: Any, targets: np.ndarray | None,
+                 oracle_margins: np.ndarray) -> list[dict]:
+        """Run one grid run (one config at its largest epoch count, snapshotted at the others); cached rows."""
+        s = self.setup
+        method = unlearn.get(run.config).name
+        key = ensemble.fingerprint({"config": dataclasses.asdict(run.config), "snapshots": run.snapshot_epochs})
+        path = self.out / "sets" / name / "rows" / f"{method}-{key}.csv"
+        if path.exists():
+            return pd.read_csv(path, keep_default_na=False, na_values=[""]).to_dict("records")
+        positions = self.positions(forget)
+        work = self.out / "work" / name / f"{method}-{key}"
+        started = time.time()
+        result = unlearn.unlearn(run.config, s.model, pretrained, s.images, s.labels, s.norm, positions["forget"],
+                                 seed=s.seed, snapshot_epochs=run.snapshot_epochs, test_images=s.test_images,
+                                 test_labels=s.test_labels, targets=targets, chunk_size=s.chunk_size,
+                                 checkpoint_dir=work, mesh=s.mesh, progress=False)
+        wall = time.time() - started
+        half = s.ensemble // 2
+        rows = []
+        for epochs in run.snapshot_epochs:
+            config = dataclasses.replace(run.config, epochs=epochs)
+            diverged = result.diverged_by(epochs)
+            cost = unlearn.relative_cost(config, len(positions["forget"]), len(positions["retain"]), s.train.epochs)
+            rows.append(self.row(
+                name, forget, method, dataclasses.asdict(config), cost,
+                score(oracle_margins, result.margins[epochs], positions), diverged=bool(diverged.any()),
+                diverged_fraction=float(diverged.mean()), diverged_fraction_a=float(diverged[:half].mean()),
+                diverged_epoch=int(result.diverged_epoch[diverged].min()) if diverged.any() else -1,
+                wall_time_s=wall))
+        table = pd.DataFrame(rows)
+        checkpoint.atomic_write(path, lambda h: h.write(table.to_csv(index=False).encode()))
+        self.prune(work)
+        return pd.read_csv(path, keep_default_na=False, na_values=[""]).to_dict("records")  # as a resumed run reads it
+
+    # ---- the whole study
+
+    def run(self, pretrain_only: bool = False) -> pd.DataFrame | None:
+        """All stages; returns the results table (also written as results.parquet and results.csv).
+
+        ``pretrain_only`` stops after pretraining (and its accuracy table) and returns ``None``.
+        """
+        s = self.setup
+        self.claim()
+        pretrained, pretrained_margins = self.pretrain()
+        if pretrain_only:
+            return None
+        dm = None
+        if s.datamodel_matrix is not None:
+            dm = {"pretrained_logits": unlearn.target_logits(s.model, pretrained, s.images, s.norm)}
+        rows, oracles, runs = [], {}, []
+        for name, forget in s.forget_sets.items():
+            oracles[name] = self.oracles(name, forget)
+            dm_margins = None
+            if dm is not None:
+                forget_pos = datamodels.positions_in_subset(s.subset, forget)
+                dm_margins = datamodels.dm_direct_margins(pretrained_margins[:, : self.num_train],
+                                                          s.datamodel_matrix, forget_pos).astype(np.float32)
+                dm[name] = unlearn.datamodel_targets(dm["pretrained_logits"], s.labels, dm_margins)
+            rows += self.reference_rows(name, forget, oracles[name], pretrained_margins, dm_margins)
+        # methods outer, sets inner: a partial run already compares every set for the first methods
+        for method in s.methods:
+            for name in s.forget_sets:
+                runs += [(name, method, run) for run in grids.group_runs(grid_configs(method, s.grid, s.lr))]
+        bar = tqdm(runs, desc="unlearning runs", unit="run", disable=not s.progress, dynamic_ncols=True)
+        for name, method, run in bar:
+            bar.set_postfix_str(f"{name} {method} lr={run.config.lr:g}")
+            targets = {"om": oracles[name].get("target_logits"), "dmm": (dm or {}).get(name)}.get(method)
+            rows += self.grid_run(name, s.forget_sets[name], run, pretrained, targets,
+                                  oracles[name]["margins"][: s.ensemble])
+        table = pd.DataFrame(rows)
+        checkpoint.atomic_write(self.out / "results.parquet", lambda h: table.to_parquet(h, index=False))
+        checkpoint.atomic_write(self.out / "results.csv", lambda h: h.write(table.to_csv(index=False).encode()))
+        return table
+
+
+def execute(setup: Setup, out: Path, *, pretrain_only: bool = False, extra_plan: str | None = None) -> int:
+    """What both CLIs do: print the plan, run (resuming), draw the plots, print the summary."""
+    print(describe(setup) + (f"\n{extra_plan}" if extra_plan else ""), flush=True)
+    table = Study(setup, out).run(pretrain_only=pretrain_only)
+    if table is None:
+        return 0
+    written = plots.render(out)
+    print(plots.summary(table))
+    print(f"{len(table)} rows in {out / 'results.parquet'}; report and plots: " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def describe(setup: Setup) -> str:
+    """The plan in a few lines: what will be trained and evaluated."""
+    s = setup
+    runs = {m: len(grids.group_runs(grid_configs(m, s.grid, s.lr))) for m in s.methods}
+    configs = {m: len(grid_configs(m, s.grid, s.lr)) for m in s.methods}
+    sets = ", ".join(f"{name} ({len(idx)})" for name, idx in s.forget_sets.items())
+    lines = [f"{s.dataset}: {len(s.images)} training points, {len(s.test_images)} validation (test) points; "
+             f"{s.model.name}, {s.train.epochs} epochs, batch {s.train.batch_size}, peak lr {s.train.peak_lr}",
+             f"N = {s.ensemble} replicas, {2 * s.ensemble} oracles per forget set; forget sets: {sets}",
+             f"grid {s.grid!r}{'' if s.lr is None else f' at lr {s.lr:g}'}: "
+             + ", ".join(f"{m} {configs[m]} configs in {runs[m]} runs" for m in s.methods),
+             f"trainings: {s.ensemble} pretrained + {2 * s.ensemble * len(s.forget_sets)} oracles + "
+             f"{s.ensemble * sum(runs.values()) * len(s.forget_sets)} unlearning runs of one replica"]
+    return "\n".join(lines)
+

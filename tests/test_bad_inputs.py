@@ -1,0 +1,558 @@
+"""Catalogue of bad inputs: every user-facing failure mode of the library and its CLI, with its message.
+
+Each case asserts the specific one-line message a user gets. CLI cases also check the contract
+of :func:`ascent_jax.cli.run_main` and :class:`ascent_jax.cli.ArgumentParser`: exit status 2,
+a single ``error:`` line on stderr, no traceback, nothing on stdout and no output left behind.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import re
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+
+import cifar_fixtures as cf
+from ascent_jax import data, ensemble, forget_sets, klom, models, train, unlearn
+from ascent_jax.cli import run_main
+from ascent_jax.unlearn import grids
+
+REPO = Path(__file__).resolve().parents[1]
+PROG = "python -m ascent_jax.forget_sets"
+TRAIN_IMAGES, TRAIN_LABELS = "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"
+NUM_IMAGES = 64  # train split of the fake Fashion-MNIST folder
+SMALL_SETS = ["--random-sizes", "2", "--top-sizes", "2", "--split-size", "2"]  # fit a 64-point split
+
+
+# --- helpers ------------------------------------------------------------------
+
+class CliResult(NamedTuple):
+    """What a CLI run left: its exit status and its two output streams."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(module: str, *args: str, cwd: Path) -> CliResult:
+    """``python -m module args`` in a subprocess, importing this checkout."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=120)
+    return CliResult(done.returncode, done.stdout, done.stderr)
+
+
+def call_cli(capsys, *args: str) -> CliResult:
+    """``forget_sets.main`` in-process through ``run_main``, as ``python -m`` runs it."""
+    try:
+        code = run_main(forget_sets.main, list(args))
+    except SystemExit as exit_:  # argparse rejected an argument
+        code = exit_.code
+    captured = capsys.readouterr()
+    return CliResult(code, captured.out, captured.err)
+
+
+def assert_user_error(result: CliResult, fragment: str) -> None:
+    """Exit 2, nothing on stdout, no traceback, exactly one ``error: ...`` line on stderr matching ``fragment``.
+
+    Flag errors (argparse) end with `` (see PROG --help)``; ``fragment`` may omit that tail.
+    """
+    assert result.returncode == 2, result
+    assert result.stdout == "", result
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    line = lines[0].removesuffix(f" (see {PROG} --help)")
+    assert re.search(fragment, line), f"{fragment!r} not in {line!r}"
+
+
+def snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Every path under ``folder`` with its contents (None for folders), to check that nothing changed."""
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def idx_bytes(magic: int, array: np.ndarray) -> bytes:
+    """An idx file (big-endian magic and dimensions, then uint8 items), gzipped."""
+    header = struct.pack(f">i{array.ndim}I", magic, *array.shape)
+    return gzip.compress(header + array.astype(np.uint8).tobytes())
+
+
+def write_fashion_mnist(directory: Path) -> Path:
+    """A Fashion-MNIST folder whose train split has ``NUM_IMAGES`` random images (all 10 classes)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    images = np.random.default_rng(0).integers(0, 256, (NUM_IMAGES, 28, 28), dtype=np.uint8)
+    labels = np.arange(NUM_IMAGES) % 10
+    (directory / TRAIN_IMAGES).write_bytes(idx_bytes(data.IDX_IMAGES_MAGIC, images))
+    (directory / TRAIN_LABELS).write_bytes(idx_bytes(data.IDX_LABELS_MAGIC, labels))
+    return directory
+
+
+# --- data sets: ascent_jax.data.load --------------------------------------------
+
+def _fashion_overwrite(file_name: str, content: bytes):
+    def setup(tmp: Path):
+        (write_fashion_mnist(tmp) / file_name).write_bytes(content)
+        return "fashion_mnist", tmp
+    return setup
+
+
+def _cifar_python_overwrite(batch: str, content: bytes):
+    def setup(tmp: Path):
+        (cf.write_python_dir(tmp, cf.make_splits(images_per_batch=2)) / batch).write_bytes(content)
+        return "cifar10", tmp
+    return setup
+
+
+def _cifar_binary_batch(content: bytes):
+    def setup(tmp: Path):
+        cf.write_files(tmp, {f"{cf.BINARY_DIR}/data_batch_1.bin": content})
+        return "cifar10", tmp
+    return setup
+
+
+def _cifar_python_without(batch: str):
+    def setup(tmp: Path):
+        (cf.write_python_dir(tmp, cf.make_splits(images_per_batch=2)) / batch).unlink()
+        return "cifar10", tmp
+    return setup
+
+
+def _data_dir_is_file(tmp: Path):
+    (tmp / "a_file").write_text("not a folder")
+    return "fashion_mnist", tmp / "a_file"
+
+
+_IMAGE_FILE = idx_bytes(data.IDX_IMAGES_MAGIC, np.zeros((NUM_IMAGES, 28, 28), np.uint8))
+_VALID_BATCH = cf.python_batch_bytes(np.zeros((2, 32, 32, 3), np.uint8), np.array([0, 1]), "batch")
+
+DATA_CASES = [
+    pytest.param(lambda tmp: ("fashion_mnist", tmp / "nowhere"), FileNotFoundError,
+                 r"nowhere does not exist or is not a directory; pass the folder that holds the fashion_mnist files",
+                 id="missing-dir"),
+    pytest.param(_data_dir_is_file, FileNotFoundError, r"a_file does not exist or is not a directory",
+                 id="data-dir-is-a-file"),
+    pytest.param(lambda tmp: ("fashion_mnist", tmp), FileNotFoundError,
+                 rf"has neither {TRAIN_IMAGES} nor train-images-idx3-ubyte; put the Fashion-MNIST idx files there",
+                 id="fashion-empty-dir"),
+    pytest.param(lambda tmp: ("cifar10", tmp), FileNotFoundError,
+                 r"CIFAR-10 not found in .*: put cifar-10-python.tar.gz or cifar-10-binary.tar.gz",
+                 id="cifar-empty-dir"),
+    pytest.param(lambda tmp: ("mnist", tmp), ValueError,
+                 r"unknown dataset 'mnist'; known datasets: cifar10, fashion_mnist", id="unknown-dataset"),
+    pytest.param(_fashion_overwrite(TRAIN_LABELS, _IMAGE_FILE), ValueError,
+                 rf"{TRAIN_LABELS} has magic number 2051, expected 2049 for an idx label file", id="idx-wrong-magic"),
+    pytest.param(_fashion_overwrite(TRAIN_IMAGES, _IMAGE_FILE[:-40]), ValueError,
+                 rf"{TRAIN_IMAGES} is not a complete gzip file .*; download the file again", id="idx-truncated-gzip"),
+    pytest.param(_fashion_overwrite(TRAIN_IMAGES, gzip.compress(gzip.decompress(_IMAGE_FILE)[:-784])), ValueError,
+                 rf"{TRAIN_IMAGES} is truncated: its header declares 64 items \(50192 bytes in all\) but it has 49408",
+                 id="idx-truncated-payload"),
+    pytest.param(_fashion_overwrite(TRAIN_IMAGES, gzip.compress(b"\x00\x00")), ValueError,
+                 r"is truncated: 2 bytes, shorter than the 16-byte idx header", id="idx-shorter-than-header"),
+    pytest.param(_fashion_overwrite(TRAIN_LABELS, idx_bytes(data.IDX_LABELS_MAGIC, np.zeros(63))), ValueError,
+                 rf"holds 64 images but .*{TRAIN_LABELS} holds 63 labels", id="idx-count-mismatch"),
+    pytest.param(_fashion_overwrite(TRAIN_LABELS, idx_bytes(data.IDX_LABELS_MAGIC, np.arange(64) % 11)), ValueError,
+                 r"label values span 0..10, expected 0..9", id="idx-label-out-of-range"),
+    pytest.param(_cifar_binary_batch(bytes(2 * 3073 + 5)), ValueError,
+                 r"data_batch_1.bin has 6151 bytes, not a positive multiple of the 3073-byte record",
+                 id="cifar-binary-wrong-size"),
+    pytest.param(_cifar_python_overwrite("data_batch_1", b"this is not a pickle"), ValueError,
+                 r"data_batch_1 is a corrupt pickle \(UnpicklingError: .*\); extract cifar-10-python.tar.gz again",
+                 id="cifar-not-a-pickle"),
+    pytest.param(_cifar_python_overwrite("data_batch_1", _VALID_BATCH[:1000]), ValueError,
+                 r"data_batch_1 is a corrupt pickle", id="cifar-truncated-pickle"),
+    pytest.param(_cifar_python_overwrite("data_batch_1", cf.py2_pickle([1, 2])), ValueError,
+                 r"data_batch_1 does not hold a dict with keys b'data' and b'labels'", id="cifar-pickle-not-a-batch"),
+    pytest.param(_cifar_python_without("data_batch_3"), FileNotFoundError,
+                 r"data_batch_3 is missing, so .* is incomplete; delete that folder", id="cifar-batch-missing"),
+]
+
+
+@pytest.mark.parametrize("setup, error, fragment", DATA_CASES)
+def test_bad_data(tmp_path, monkeypatch, setup, error, fragment):
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # same message with or without the extra
+    name, data_dir = setup(tmp_path)
+    with pytest.raises(error, match=fragment) as caught:
+        data.load(name, "train", data_dir)
+    assert "\n" not in str(caught.value)
+
+
+def test_unknown_split(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown split 'validation' for fashion_mnist; use one of: train, test"):
+        data.load("fashion_mnist", "validation", write_fashion_mnist(tmp_path))
+
+
+def test_malicious_pickle_is_refused_without_running(tmp_path):
+    marker = tmp_path / "pwned"
+    folder = cf.write_python_dir(tmp_path, cf.make_splits(images_per_batch=2))
+    (folder / "data_batch_1").write_bytes(cf.malicious_pickle(f"touch {marker}"))
+    with pytest.raises(ValueError, match=r"data_batch_1: refusing to unpickle, it references os\.system, .* "
+                                         r"\(possibly malicious\)"):
+        data.load("cifar10", "train", tmp_path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("members, symlinks, fragment", [
+    ({f"{cf.PYTHON_DIR}/../../evil": b"x"}, {}, r"refusing to extract member 'cifar-10-batches-py/../../evil'"),
+    ({}, {f"{cf.PYTHON_DIR}/link": "/etc/passwd"}, r"refusing to extract member 'cifar-10-batches-py/link'"),
+], ids=["dotdot-member", "absolute-symlink"])
+def test_tar_member_escaping_the_folder_is_refused(tmp_path, members, symlinks, fragment):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    files = {**cf.python_files(cf.make_splits(images_per_batch=2)), **members}
+    cf.write_tar_gz(data_dir / cf.PYTHON_TAR, files, (cf.PYTHON_DIR,), symlinks)
+    with pytest.raises(ValueError, match=rf"{cf.PYTHON_TAR}: {fragment} .*; this is not an official CIFAR-10 archive"):
+        data.load("cifar10", "train", data_dir)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["data", f"data/{cf.PYTHON_TAR}"]
+
+
+def test_tar_member_with_absolute_name_is_confined(tmp_path):
+    """tarfile's ``data`` filter strips the leading ``/``: the member lands in the staging folder, which is deleted."""
+    target = tmp_path / "absolute-evil"
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    splits = cf.make_splits(images_per_batch=2)
+    cf.write_tar_gz(data_dir / cf.PYTHON_TAR, {**cf.python_files(splits), str(target): b"x"}, (cf.PYTHON_DIR,))
+    images, _ = data.load("cifar10", "train", data_dir)
+    np.testing.assert_array_equal(images, splits.train_images)
+    assert not target.exists()
+    assert sorted(p.name for p in data_dir.iterdir()) == sorted([cf.PYTHON_TAR, cf.PYTHON_DIR])
+
+
+def _truncated_tarball(archive: Path) -> None:
+    cf.write_tar_gz(archive, cf.python_files(cf.make_splits(images_per_batch=2)), (cf.PYTHON_DIR,))
+    archive.write_bytes(archive.read_bytes()[:2000])
+
+
+@pytest.mark.parametrize("write", [
+    lambda archive: archive.write_bytes(gzip.compress(b"not a tar archive")),
+    lambda archive: archive.write_bytes(b""),
+    _truncated_tarball,
+], ids=["not-a-tar", "empty-file", "truncated"])
+def test_unreadable_tarball(tmp_path, write):
+    write(tmp_path / cf.PYTHON_TAR)
+    with pytest.raises(ValueError, match=rf"{cf.PYTHON_TAR} is not a readable tar.gz archive \(.*\); download it"):
+        data.load("cifar10", "train", tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [cf.PYTHON_TAR]
+
+
+# --- forget-set index files: ascent_jax.forget_sets.load_index_file --------------
+
+def write_index_file(path: Path, content) -> Path:
+    """An index file: arrays via ``np.save``, text as is, bytes verbatim."""
+    if isinstance(content, np.ndarray):
+        np.save(path, content)
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    return path
+
+
+INDEX_CASES = [
+    pytest.param("F.npy", np.array([3, 10, 12]), r"indices out of range \[0, 10\): \[10, 12\]", id="out-of-range-npy"),
+    pytest.param("F.txt", "3, 10", r"indices out of range \[0, 10\): \[10\]", id="out-of-range-txt"),
+    pytest.param("F.json", "[3, 10]", r"indices out of range \[0, 10\): \[10\]", id="out-of-range-json"),
+    pytest.param("F.npy", np.array([-1, 2]), r"negative indices: \[-1\]", id="negative-npy"),
+    pytest.param("F.txt", "1 -2 3", r"negative indices: \[-2\]", id="negative-txt"),
+    pytest.param("F.json", "[1, -2]", r"negative indices: \[-2\]", id="negative-json"),
+    pytest.param("F.npy", np.array([4, 7, 4, 7, 1]), r"duplicate indices: \[4, 7\]", id="duplicates-npy"),
+    pytest.param("F.txt", "4\n4", r"duplicate indices: \[4\]", id="duplicates-txt"),
+    pytest.param("F.json", '{"indices": [5, 5]}', r"duplicate indices: \[5\]", id="duplicates-json-object"),
+    pytest.param("F.npy", np.array([], np.int64), r"contains no indices", id="empty-npy"),
+    pytest.param("F.txt", " \n", r"contains no indices", id="empty-txt"),
+    pytest.param("F.json", "[]", r"contains no indices", id="empty-json"),
+    pytest.param("F.npy", np.array([1.0, 1.5]), r"non-integer values: \[1.5\]", id="float-npy"),
+    pytest.param("F.npy", np.array(["1", "abc"]), r"non-integer values: \['abc'\]", id="string-npy"),
+    pytest.param("F.txt", "1 1.5 abc", r"non-integer values: \['1.5', 'abc'\]", id="non-integer-txt"),
+    pytest.param("F.json", '[1, 1.5, "abc", true, null]', r"non-integer values: \[1.5, 'abc', True, None\]",
+                 id="non-integer-json"),
+    pytest.param("F.json", "[1, 2", r"cannot read it: Expecting ',' delimiter: .*", id="bad-json"),
+    pytest.param("F.txt", b"\xff\xfe1 2", r"cannot read it: 'utf-8' codec can't decode .*", id="bad-utf8-txt"),
+    pytest.param("F.npy", np.zeros((2, 2), int), r"expected a 1-D array, got shape \(2, 2\)", id="2d-npy"),
+    pytest.param("F.csv", "1,2", r"unsupported format '.csv'; use .npy, .txt or .json", id="csv"),
+    pytest.param("F.txt", "1 99999999999999999999999", r"indices out of range \[0, 10\): \[99999999999999999999999\]",
+                 id="beyond-int64-txt"),
+    pytest.param("F.npy", b"not an npy file", r"cannot read it: .*",
+                 id="not-npy"),
+]
+
+
+@pytest.mark.parametrize("name, content, fragment", INDEX_CASES)
+def test_bad_index_file(tmp_path, name, content, fragment):
+    path = write_index_file(tmp_path / name, content)
+    with pytest.raises(ValueError, match=re.escape(f"forget set file {path}: ") + fragment + "$") as caught:
+        forget_sets.load_index_file(path, 10)
+    assert "\n" not in str(caught.value)
+
+
+def test_missing_index_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=re.escape(f"forget set file {tmp_path / 'nope.txt'} does not exist")):
+        forget_sets.load_index_file(tmp_path / "nope.txt", 10)
+
+
+# --- library arguments: unlearning methods, training, ensembles, models, grids ------
+
+def _ensemble_run(**overrides):
+    options = {"seed": 0, "num_members": 2, "epochs": 1, **overrides}
+    return ensemble.run(lambda key, member: None, lambda *args: None, **options)
+
+
+def train_tiny(**overrides):
+    """Two 784-8-10 MLPs, one epoch (batch 32) on 64 random 28x28 images, or what ``overrides`` changes."""
+    options = {"config": train.TrainConfig(epochs=1, batch_size=32),
+               "images": np.random.default_rng(0).integers(0, 256, (NUM_IMAGES, 28, 28, 1), dtype=np.uint8),
+               "labels": np.arange(NUM_IMAGES) % 10, "seed": 0, "num_members": 2, **overrides}
+    model = models.build("mlp", 10, hidden=(8,))
+    return train.train_ensemble(model, options.pop("config"), options.pop("images"), options.pop("labels"),
+                                train.Normalization((0.5,), (0.5,)), progress=False, **options)
+
+
+LIBRARY_CASES = [
+    pytest.param(lambda: unlearn.get("nope"), ValueError, r"unknown unlearning method 'nope'; choose one of .*\bga\b",
+                 id="unknown-method"),
+    pytest.param(lambda: unlearn.make("nope", lr=1e-3, epochs=1), ValueError, r"unknown unlearning method 'nope'",
+                 id="make-unknown-method"),
+    *[pytest.param(lambda lr=lr: unlearn.make("ga", lr=lr, epochs=1), ValueError,
+                   rf"GradientAscentConfig: lr must be a positive finite number, got {re.escape(repr(lr))}$",
+                   id=f"ga-lr-{lr}") for lr in (-1e-3, 0.0, math.nan, math.inf, -math.inf)],
+    pytest.param(lambda: unlearn.make("ga", lr="0.01", epochs=1), ValueError,
+                 r"lr must be a positive finite number, got '0.01'", id="ga-lr-string"),
+    *[pytest.param(lambda epochs=epochs: unlearn.make("ga", lr=1e-3, epochs=epochs), ValueError,
+                   rf"GradientAscentConfig: epochs must be a positive integer, got {epochs}$", id=f"ga-epochs-{epochs}")
+      for epochs in (0, -1, 1.5)],
+    pytest.param(lambda: unlearn.make("ga", lr=1e-3, epochs=1, batch_size=0), ValueError,
+                 r"GradientAscentConfig: batch_size must be a positive integer, got 0", id="ga-batch-size-0"),
+    pytest.param(lambda: unlearn.make("gda", lr=1e-3, epochs=2, ascent_epochs=-1), ValueError,
+                 r"GradientDescentAscentConfig: ascent_epochs must be a non-negative integer, got -1",
+                 id="gda-ascent-epochs"),
+    pytest.param(lambda: unlearn.make("ga", lr=1e-3, epochs=1, momentum=0.9), TypeError,
+                 r"unexpected keyword argument 'momentum'", id="ga-unknown-hyperparameter"),
+    pytest.param(lambda: unlearn.make("ga", lr=1e-3), TypeError, r"missing 1 required positional argument: 'epochs'",
+                 id="ga-missing-epochs"),
+    pytest.param(lambda: unlearn.split_indices(np.array([], np.int64), 10), ValueError,
+                 r"forget indices must be a non-empty 1-D integer array", id="forget-empty"),
+    pytest.param(lambda: unlearn.split_indices(np.array([3, 10]), 10), ValueError,
+                 r"forget indices must lie in \[0, 10\), got 3..10", id="forget-out-of-range"),
+    pytest.param(lambda: unlearn.split_indices(np.array([3, 3]), 10), ValueError, r"forget indices contain duplicates",
+                 id="forget-duplicates"),
+    pytest.param(lambda: unlearn.split_indices(np.arange(10), 10), ValueError,
+                 r"the forget set covers the whole training set; nothing would be retained", id="forget-everything"),
+    *[pytest.param(lambda field=field, value=value: train.TrainConfig(**{field: value}), ValueError, fragment,
+                   id=f"train-config-{field}-{value}") for field, value, fragment in [
+        ("epochs", 0, r"epochs must be a positive integer, got 0"),
+        ("batch_size", -1, r"batch_size must be a positive integer, got -1"),
+        ("peak_lr", 0.0, r"peak_lr must be a positive finite number, got 0.0"),
+        ("peak_lr", math.nan, r"peak_lr must be a positive finite number, got nan"),
+        ("peak_lr", math.inf, r"peak_lr must be a positive finite number, got inf"),
+        ("peak_fraction", 1.0, r"peak_fraction must lie in \(0, 1\), got 1.0"),
+        ("schedule", "linear", r"schedule must be 'triangular' or 'cosine', got 'linear'"),
+        ("momentum", 1.0, r"momentum must lie in \[0, 1\), got 1.0"),
+        ("weight_decay", -5e-4, r"weight_decay must be non-negative, got -0.0005"),
+        ("label_smoothing", 1.0, r"label_smoothing must lie in \[0, 1\), got 1.0"),
+        ("crop_padding", -4, r"crop_padding must be non-negative, got -4"),
+    ]],
+    *[pytest.param(lambda field=field: train.TrainConfig(**{field: 2.5}), ValueError,
+                   rf"{field} must be a positive integer, got 2.5", id=f"train-config-{field}-2.5")
+      for field in ("epochs", "batch_size")],
+    pytest.param(lambda: _ensemble_run(num_members=0), ValueError, r"ensemble size must be positive, got 0",
+                 id="ensemble-run-size-0"),
+    pytest.param(lambda: _ensemble_run(epochs=0), ValueError, r"number of epochs must be positive, got 0",
+                 id="ensemble-run-epochs-0"),
+    pytest.param(lambda: _ensemble_run(layout="pmap"), ValueError, r"layout must be .*one of vmap, map, got 'pmap'",
+                 id="ensemble-run-layout"),
+    pytest.param(lambda: train_tiny(num_members=0), ValueError, r"ensemble size must be positive, got 0",
+                 id="train-ensemble-size-0"),
+    pytest.param(lambda: train_tiny(num_members=-1), ValueError, r"ensemble size must be positive, got -1",
+                 id="train-ensemble-size-negative"),
+    pytest.param(lambda: train_tiny(subsets=np.full((2, 8), NUM_IMAGES)), ValueError,
+                 r"subset indices must lie in \[0, 64\), got 64..64", id="train-ensemble-subset-out-of-range"),
+    pytest.param(lambda: models.build("vit", 10), ValueError, r"unknown model 'vit'; choose one of .*\bmlp\b",
+                 id="unknown-model"),
+    pytest.param(lambda: models.build("mlp", 1), ValueError, r"num_classes must be at least 2, got 1",
+                 id="model-one-class"),
+    pytest.param(lambda: models.build("mlp", 10, dtype="float16"), ValueError,
+                 r"dtype must be 'float32' or 'bfloat16', got 'float16'", id="model-dtype"),
+    pytest.param(lambda: grids.expand("ga", "nope"), ValueError, r"unknown grid preset 'nope'; choose one of paper, cpu",
+                 id="unknown-grid-preset"),
+    pytest.param(lambda: grids.expand("do_nothing", "cpu"), ValueError,
+                 r"preset 'cpu' has no grid for 'do_nothing'; it has ga, gda", id="no-grid-for-method"),
+    pytest.param(lambda: klom.klom(np.zeros((1, 5)), np.zeros((4, 5))), ValueError,
+                 r"oracle_margins has 1 model\(s\); a margin distribution needs N_models >= 2", id="klom-one-model"),
+    pytest.param(lambda: klom.klom(np.zeros((4, 5)), np.zeros((4, 6))), ValueError,
+                 r"must cover the same points; got 5 and 6 columns", id="klom-point-mismatch"),
+    pytest.param(lambda: klom.klom(np.zeros((4, 5)), np.zeros((4, 5)), bins=0), ValueError,
+                 r"bins must be an integer >= 1 \(the papers use 20\); got 0", id="klom-bins-0"),
+]
+
+
+@pytest.mark.parametrize("call, error, fragment", LIBRARY_CASES)
+def test_bad_library_argument(call, error, fragment):
+    with pytest.raises(error, match=fragment) as caught:
+        call()
+    assert "\n" not in str(caught.value)
+
+
+# --- a checkpoint folder written by another configuration ------------------------
+
+@pytest.fixture(scope="module")
+def pretrain_dir(tmp_path_factory) -> Path:
+    """The checkpoint folder of a finished tiny run (:func:`train_tiny`)."""
+    directory = tmp_path_factory.mktemp("pretrain")
+    train_tiny(checkpoint_dir=directory)
+    return directory
+
+
+@pytest.mark.parametrize("change", [
+    {"config": train.TrainConfig(epochs=1, batch_size=32, peak_lr=0.2)},
+    {"seed": 1},
+    {"images": np.zeros((NUM_IMAGES, 28, 28, 1), np.uint8)},
+], ids=["other-recipe", "other-seed", "other-data"])
+def test_checkpoint_of_another_configuration_is_refused(pretrain_dir, change):
+    before = snapshot(pretrain_dir)
+    checkpoint = re.escape(str(pretrain_dir / "members-0000-0001.npz"))
+    with pytest.raises(ValueError, match=rf"^checkpoint {checkpoint} was written by a different configuration; use "
+                                         rf"another output directory or delete {re.escape(str(pretrain_dir))} to "
+                                         "start fresh$"):
+        train_tiny(checkpoint_dir=pretrain_dir, **change)
+    assert snapshot(pretrain_dir) == before
+
+
+# --- the forget_sets CLI -----------------------------------------------------------
+
+@pytest.fixture
+def cli_paths(tmp_path) -> dict[str, Path]:
+    """Inputs of the CLI cases: a 64-image Fashion-MNIST folder, an empty folder, index files, --out."""
+    (tmp_path / "empty").mkdir()
+    return {"data": write_fashion_mnist(tmp_path / "fashion"), "empty": tmp_path / "empty",
+            "nowhere": tmp_path / "nowhere", "out": tmp_path / "out",
+            "good_index": write_index_file(tmp_path / "good.txt", "1 2 3"),
+            "bad_index": write_index_file(tmp_path / "bad.txt", "3 64 70")}
+
+
+def fill(args: list[str], paths: dict[str, Path]) -> list[str]:
+    return [arg.format(**paths) for arg in args]
+
+
+def fill_pattern(fragment: str, paths: dict[str, Path]) -> str:
+    return fragment.format(**{name: re.escape(str(path)) for name, path in paths.items()})
+
+
+DATA = ["--data-dir", "{data}"]
+CLI_CASES = [
+    pytest.param(["--models", "0"], r"argument --models: must be at least 1, got 0$", id="models-0"),
+    pytest.param(["--alpha", "1.5"], r"argument --alpha: must lie strictly between 0 and 1, got 1.5$", id="alpha-1.5"),
+    pytest.param(["--lr", "nan"], r"argument --lr: must be a positive finite number, got nan$", id="lr-nan"),
+    pytest.param(["--epochs", "two"], r"argument --epochs: expected a whole number, got 'two'$", id="epochs-text"),
+    pytest.param(["--dataset", "mnist"], r"argument --dataset: invalid choice: 'mnist'", id="unknown-dataset"),
+    pytest.param(["--random-sizes", "10,0"], r"argument --random-sizes: expected positive whole numbers, got '10,0'$",
+                 id="random-sizes-0"),
+    pytest.param(["--data-dir", "{empty}"], r"{empty} has neither train-images-idx3-ubyte.gz nor", id="data-dir-empty"),
+    pytest.param(["--data-dir", "{nowhere}"], r"{nowhere} does not exist or is not a directory", id="data-dir-missing"),
+    pytest.param(["--dataset", "cifar10", "--data-dir", "{empty}"], r"CIFAR-10 not found in {empty}",
+                 id="cifar-data-dir-empty"),
+    pytest.param([*DATA, "--subset-size", "100"], r"study subset size must lie in \[1, 64\], got 100$",
+                 id="subset-larger-than-train-split"),
+    pytest.param([*DATA, "--subset-size", "20"], r"the largest forget set has 500 points but --subset-size is 20$",
+                 id="subset-smaller-than-forget-set"),
+    pytest.param([*DATA, "--subset-size", "20", "--alpha", "0.01", *SMALL_SETS],
+                 r"alpha=0.01 of 20 points gives 0-point subsets; need between 1 and 19$", id="alpha-empty-subsets"),
+    pytest.param([*DATA, "--subset-size", "64", "--models", "7", *SMALL_SETS],
+                 r"--models 7 leaves 1 models to fit after holding out 2 x 3; use at least 8 models$",
+                 id="too-few-models"),
+    pytest.param([*DATA, "--import", "{bad_index}"],
+                 r"^error: forget set file {bad_index}: indices out of range \[0, 64\): \[64, 70\]$",
+                 id="import-bad-index"),
+    pytest.param([*DATA, "--import", "{good_index}", "{bad_index}"], r"forget set file {bad_index}: indices out",
+                 id="import-good-then-bad"),
+    pytest.param([*DATA, "--import", "{nowhere}"], r"forget set file {nowhere} does not exist$", id="import-missing"),
+    pytest.param([*DATA, "--subset-size", "30", *SMALL_SETS, "--seed", "-1"], r"argument --seed: must be at least 0, got -1$",
+                 id="seed-negative"),
+]
+
+
+@pytest.mark.parametrize("args, fragment", CLI_CASES)
+def test_bad_cli_input(capsys, cli_paths, args, fragment):
+    out = cli_paths["out"]
+    assert_user_error(call_cli(capsys, *fill(args, cli_paths), "--out", str(out)), fill_pattern(fragment, cli_paths))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, fragment", [case for case in CLI_CASES
+                                            if case.id in ("models-0", "data-dir-empty", "import-bad-index")])
+def test_bad_cli_input_as_a_process(tmp_path, cli_paths, args, fragment):
+    """The real ``python -m`` entry point: exit status, stderr, no traceback, nothing written."""
+    out = cli_paths["out"]
+    result = run_cli("ascent_jax.forget_sets", *fill(args, cli_paths), "--out", str(out), cwd=tmp_path)
+    assert_user_error(result, fill_pattern(fragment, cli_paths))
+    assert not out.exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into a read-only folder")
+def test_cli_read_only_out(capsys, cli_paths, tmp_path):
+    parent = tmp_path / "read-only"
+    parent.mkdir(mode=0o500)
+    out = parent / "out"
+    result = call_cli(capsys, *fill(DATA, cli_paths), "--out", str(out))
+    assert_user_error(result, rf"output directory {re.escape(str(out))} is not writable; pass --out to a writable")
+    assert list(parent.iterdir()) == []
+
+
+def _regular_file(tmp: Path) -> Path:
+    (tmp / "a_file").write_text("keep me")
+    return tmp / "a_file"
+
+
+@pytest.mark.parametrize("where", [_regular_file, lambda tmp: _regular_file(tmp) / "out"],
+                         ids=["out-is-a-file", "out-below-a-file"])
+def test_cli_out_that_cannot_be_a_folder(capsys, cli_paths, tmp_path, where):
+    out = where(tmp_path)
+    args = [*DATA, "--subset-size", "64", "--models", "8", *SMALL_SETS, "--out", str(out)]
+    result = call_cli(capsys, *fill(args, cli_paths))
+    assert_user_error(result, rf"output directory {re.escape(str(out))} is not (writable|a directory)")
+    assert (tmp_path / "a_file").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("content, fragment", [
+    pytest.param('{"fingerprint": "0000000000000000"}',
+                 r"^error: {out} holds a run with other settings \({out}/run\.json\); use another --out or delete it$",
+                 id="other-fingerprint"),
+    pytest.param("{truncated", r"{out}/run\.json is not a run file of this program; use another --out",
+                 id="corrupt-run-json"),
+])
+def test_cli_run_dir_of_other_settings_is_refused(capsys, cli_paths, content, fragment):
+    out = cli_paths["out"]
+    out.mkdir()
+    (out / "run.json").write_text(content)
+    before = snapshot(out)
+    args = [*DATA, "--subset-size", "64", "--models", "8", *SMALL_SETS, "--out", "{out}"]
+    assert_user_error(call_cli(capsys, *fill(args, cli_paths)), fill_pattern(fragment, cli_paths))
+    assert snapshot(out) == before
+
+
+def test_cli_import_into_a_computed_run_is_refused(capsys, cli_paths):
+    out = cli_paths["out"]
+    out.mkdir()
+    (out / "run.json").write_text('{"fingerprint": "0000000000000000"}')
+    (out / forget_sets.MANIFEST).write_text('{"provenance": {"source": "datamodels"}, "sets": {}}')
+    before = snapshot(out)
+    result = call_cli(capsys, *fill([*DATA, "--import", "{good_index}", "--out", "{out}"], cli_paths))
+    assert_user_error(result, fill_pattern(r"{out}/run\.json", cli_paths))
+    assert snapshot(out) == before
+
+
+def test_cli_import_of_two_files_with_one_name_is_refused(capsys, cli_paths, tmp_path):
+    first = write_index_file(tmp_path / "set1.txt", "1 2")
+    (tmp_path / "b").mkdir()
+    second = write_index_file(tmp_path / "b" / "set1.npy", np.array([3]))
+    out = cli_paths["out"]
+    result = call_cli(capsys, *fill(DATA, cli_paths), "--import", str(first), str(second), "--out", str(out))
+    assert_user_error(result, rf"{re.escape(str(first))}.*{re.escape(str(second))}")
+    assert not out.exists()

@@ -1,0 +1,149 @@
+"""The study pipeline end to end on real Fashion-MNIST at a tiny size: smoke, divergence,
+determinism, and resuming after SIGKILL at several points gives the uninterrupted table."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ascent_jax.cli import run_main
+from experiments import fashion, plots
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--ensemble", "4", "--epochs", "1", "--subset-size", "600", "--forget-set", "fallback-random10", "--no-progress"]
+KILLABLE = ["--ensemble", "2", "--epochs", "2", "--subset-size", "3000", "--forget-set", "fallback-random10",
+            "--method", "finetune", "--no-progress"]
+VOLATILE = ["wall_time_s", "device"]
+
+
+def stable(table: pd.DataFrame) -> pd.DataFrame:
+    """The table without the columns that legitimately change between runs."""
+    return table.drop(columns=VOLATILE).reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    assert run_main(fashion.main, [*TINY, "--method", "ga", "--method", "om", "--out", str(out)]) == 0
+    return out
+
+
+def test_smoke_writes_table_report_and_plots(smoke):
+    table = pd.read_parquet(smoke / "results.parquet")
+    assert list(dict.fromkeys(table["method"])) == ["pretrained", "oracle", "ga", "om"]
+    assert len(table) == 2 + 6 + 6  # references + quick grid: GA 2 lrs x 3 epochs, OM 2 lrs x 3 epochs
+    assert set(table["forget_set"]) == {"fallback-random10"} and (table["forget_size"] == 10).all()
+    for split in ("forget", "retain", "val"):
+        assert table[f"klom_p95_{split}"].between(0, 1e3).all()
+        assert table[f"acc_{split}"].between(0, 1).all()
+    ga = table[table["method"] == "ga"]
+    # GA's cost is epochs x |F| example-gradients over 1 epoch x |retain| = 590 of retraining
+    np.testing.assert_allclose(ga["relative_cost"], ga["epochs"] * 10 / 590)
+    assert table.loc[table["method"] == "oracle", "relative_cost"].item() == 1.0
+    pd.testing.assert_frame_equal(pd.read_csv(smoke / "results.csv"), table, check_dtype=False)
+    for name in ("forget_vs_val.png", "forget_vs_retain.png", "klom_over_time.png", "report.md",
+                 "pretrain_accuracy.csv"):
+        assert (smoke / name).stat().st_size > 0
+    assert "Selection: declared protocol" in (smoke / "report.md").read_text()
+    assert not (smoke / "work").exists() or not any((smoke / "work").rglob("*.npz"))  # pruned
+
+
+def test_rerun_is_cached_and_identical(smoke, capsys):
+    before = pd.read_parquet(smoke / "results.parquet")
+    assert run_main(fashion.main, [*TINY, "--method", "ga", "--method", "om", "--out", str(smoke)]) == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(smoke / "results.parquet"), before)
+    assert "pretrain" not in capsys.readouterr().err  # no training progress: every stage came from the cache
+
+
+def test_plots_cli_regenerates_from_the_table(smoke):
+    (smoke / "forget_vs_val.png").unlink()
+    assert run_main(plots.main, [str(smoke), "--time-method", "ga"]) == 0
+    assert (smoke / "forget_vs_val.png").stat().st_size > 0
+
+
+def test_selection_follows_the_declared_protocol(smoke):
+    table = pd.read_parquet(smoke / "results.parquet")
+    chosen = plots.selection(table).set_index("method")
+    ga = table[table["method"] == "ga"]
+    floor = table.loc[table["method"] == "pretrained", "acc_val_a"].item() - plots.MAX_ACCURACY_DROP
+    eligible = ga[(ga["diverged_fraction_a"] == 0) & (ga["acc_val_a"] >= floor)]
+    best = eligible.loc[eligible["klom_p95_forget_a"].idxmin()]
+    assert chosen.loc["ga", "chosen"] == best["params"]
+    assert chosen.loc["ga", "fresh_b"] == best["klom_p95_forget_b"]
+    assert chosen.loc["ga", "best_after_fact_b"] == ga["klom_p95_forget_b"].min()
+
+
+def test_divergence_is_a_result(tmp_path):
+    out = tmp_path / "run"
+    args = [*TINY, "--method", "ga", "--lr", "1e30", "--out", str(out)]
+    assert run_main(fashion.main, args) == 0
+    table = pd.read_parquet(out / "results.parquet")
+    ga = table[table["method"] == "ga"].set_index("epochs")
+    # one step of 1e30 leaves finite (huge) weights; the next epoch overflows. Rows report divergence
+    # "by then": not after 1 epoch, in every replica after 3 and 5, first in epoch 2
+    assert not ga.loc[1, "diverged"] and ga.loc[1, "diverged_epoch"] == -1
+    assert ga.loc[[3, 5], "diverged"].all() and (ga.loc[[3, 5], "diverged_fraction"] == 1.0).all()
+    assert (ga.loc[[3, 5], "diverged_epoch"] == 2).all()
+    assert (ga.loc[[3, 5], "acc_val"] == 0).all()  # NaN margins count as wrong
+    assert np.isfinite(ga.loc[[3, 5], "klom_p95_forget"]).all()  # KLoM still scores them (NaN -> -clip)
+    assert not table[table["method"] != "ga"]["diverged"].any()
+
+
+def test_different_seeds_give_different_replicas(tmp_path):
+    accuracies = []
+    for seed in ("0", "1"):
+        out = tmp_path / seed
+        assert run_main(fashion.main, [*KILLABLE, "--seed", seed, "--pretrain-only", "--out", str(out)]) == 0
+        accuracies.append(pd.read_csv(out / "pretrain_accuracy.csv")["test_accuracy"].to_numpy())
+    assert not np.array_equal(*accuracies)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> pd.DataFrame:
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    assert run_main(fashion.main, [*KILLABLE, "--out", str(out)]) == 0
+    return pd.read_parquet(out / "results.parquet")
+
+
+def _kill_when(out: Path, pattern: str, timeout: float = 300) -> None:
+    """Start the study as a process and SIGKILL it as soon as a file matching ``pattern`` exists."""
+    process = subprocess.Popen([sys.executable, "-m", "experiments.fashion", *KILLABLE, "--out", str(out)], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not any(out.glob(pattern)):
+        if process.poll() is not None or time.time() > deadline:
+            process.kill()
+            pytest.fail(f"the study ended (or timed out) before {pattern} appeared")
+        time.sleep(0.005)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+@pytest.mark.parametrize("pattern", ["pretrain/members-*.npz", "sets/*/oracles.npz", "work/*/finetune-*/members-*.npz",
+                                     "sets/*/rows/*.csv"],
+                         ids=["pretraining", "after-oracles", "unlearning", "after-rows"])
+def test_killed_run_resumes_to_the_same_table(tmp_path, uninterrupted, pattern):
+    out = tmp_path / "run"
+    _kill_when(out, pattern)
+    assert not (out / "results.parquet").exists() or pattern == "sets/*/rows/*.csv"
+    assert run_main(fashion.main, [*KILLABLE, "--out", str(out)]) == 0
+    pd.testing.assert_frame_equal(stable(pd.read_parquet(out / "results.parquet")), stable(uninterrupted))
+
+
+def test_run_dir_of_another_configuration_is_refused(smoke, capsys):
+    before = (smoke / "run.json").read_text()
+    assert run_main(fashion.main, [*TINY, "--ensemble", "6", "--out", str(smoke)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {smoke} holds a study with another configuration (differs in: ensemble); "
+                            f"use another --out, or delete {smoke} to start fresh")
+    assert (smoke / "run.json").read_text() == before
+    assert json.loads(before)["config"]["ensemble"] == 4
