@@ -162,14 +162,18 @@ def grid_configs(method: str, grid: str, lr: float | None) -> list:
 # Scoring
 
 
-def accuracy(margins: np.ndarray) -> float:
-    """Fraction of (replica, point) pairs classified correctly (margin > 0; NaN counts as wrong)."""
-    with np.errstate(invalid="ignore"):
-        return float(np.mean(margins > 0)) if margins.size else float("nan")
+def accuracy(correct: np.ndarray | None) -> float:
+    """Fraction of (replica, point) pairs classified correctly (NaN without predictions)."""
+    return float(np.mean(correct)) if correct is not None and correct.size else float("nan")
 
 
-def score(oracle: np.ndarray, unlearned: np.ndarray, positions: dict[str, np.ndarray]) -> dict[str, float]:
-    """KLoM p95/mean per split vs the evaluation oracles, on all replicas and on halves A/B; accuracies."""
+def score(oracle: np.ndarray, unlearned: np.ndarray, correct: np.ndarray | None,
+          positions: dict[str, np.ndarray]) -> dict[str, float]:
+    """KLoM p95/mean per split vs the evaluation oracles, on all replicas and on halves A/B; accuracies.
+
+    ``correct`` ``(K, n_eval)``: whether each replica classifies each point correctly (``None``:
+    accuracies are NaN, as for DM-direct, which predicts margins only).
+    """
     values = klom.klom(oracle, unlearned)
     row: dict[str, float] = {}
     for split, where in positions.items():
@@ -177,7 +181,7 @@ def score(oracle: np.ndarray, unlearned: np.ndarray, positions: dict[str, np.nda
         finite = part[np.isfinite(part)]
         row[f"klom_p95_{split}"] = float(np.percentile(finite, 95)) if finite.size else float("nan")
         row[f"klom_mean_{split}"] = float(np.mean(finite)) if finite.size else float("nan")
-        row[f"acc_{split}"] = accuracy(unlearned[:, where])
+        row[f"acc_{split}"] = accuracy(None if correct is None else correct[:, where])
     half = len(unlearned) // 2
     for name, rows in (("a", slice(0, half)), ("b", slice(half, None))):
         if half >= 2:
@@ -185,7 +189,7 @@ def score(oracle: np.ndarray, unlearned: np.ndarray, positions: dict[str, np.nda
             row[f"klom_p95_forget_{name}"] = float(np.percentile(forget, 95))
         else:
             row[f"klom_p95_forget_{name}"] = float("nan")
-        row[f"acc_val_{name}"] = accuracy(unlearned[rows][:, positions["val"]])
+        row[f"acc_val_{name}"] = accuracy(None if correct is None else correct[rows][:, positions["val"]])
     return row
 
 
@@ -248,14 +252,14 @@ class Study:
                                       checkpoint_dir=self.out / "pretrain", mesh=s.mesh, progress=s.progress,
                                       desc="pretrain", layout=s.layout)
         margins_of = unlearn.margin_function(s.model, s.norm, np.concatenate([s.images, s.test_images]), self.eval_labels)
-        margins = margins_of(result.states)
-        test_accuracy = np.mean(margins[:, self.num_train:] > 0, axis=1)
+        margins, correct = margins_of(result.states)
+        test_accuracy = np.mean(correct[:, self.num_train:], axis=1)
         table = pd.DataFrame({"member": np.arange(s.ensemble), "model": s.model.name, "epochs": s.train.epochs,
                               "train_loss": result.metrics["loss"][-1], "test_accuracy": test_accuracy})
         checkpoint.atomic_write(self.out / "pretrain_accuracy.csv", lambda h: h.write(table.to_csv(index=False).encode()))
         print(f"pretrained replicas: test accuracy mean {test_accuracy.mean():.4f}, min {test_accuracy.min():.4f}, "
               f"max {test_accuracy.max():.4f} (per member: {self.out / 'pretrain_accuracy.csv'})", flush=True)
-        return result.states, margins
+        return result.states, margins, correct
 
     def oracles(self, name: str, forget: np.ndarray) -> dict[str, np.ndarray]:
         """2N oracles retrained without ``forget``: margins of all, target logits of N..2N-1 (cached)."""
@@ -271,23 +275,25 @@ class Study:
                                  test_labels=s.test_labels, keep_variables=True, chunk_size=s.chunk_size,
                                  checkpoint_dir=work, mesh=s.mesh, progress=s.progress)
         _, targets = unlearn.split_oracles(result.variables[s.train.epochs], s.ensemble)
-        arrays = {"margins": result.margins[s.train.epochs],
+        arrays = {"margins": result.margins[s.train.epochs], "correct": result.correct[s.train.epochs],
                   "target_logits": unlearn.target_logits(s.model, targets, s.images, s.norm).astype(np.float32)}
         checkpoint.atomic_write(path, lambda h: np.savez(h, **arrays))
         self.prune(work)
         return arrays
 
     def reference_rows(self, name: str, forget: np.ndarray, oracle: dict, pretrained_margins: np.ndarray,
-                       dm_margins: np.ndarray | None) -> list[dict]:
+                       pretrained_correct: np.ndarray, dm_margins: np.ndarray | None) -> list[dict]:
         """The pretrained model, the independent oracles (noise floor) and DM-direct, scored like methods."""
         n = self.setup.ensemble
         positions = self.positions(forget)
         evaluation = oracle["margins"][:n]
-        rows = [self.row(name, forget, "pretrained", {}, 0.0, score(evaluation, pretrained_margins, positions)),
-                self.row(name, forget, "oracle", {}, 1.0, score(evaluation, oracle["margins"][n:], positions))]
+        rows = [self.row(name, forget, "pretrained", {}, 0.0,
+                         score(evaluation, pretrained_margins, pretrained_correct, positions)),
+                self.row(name, forget, "oracle", {}, 1.0,
+                         score(evaluation, oracle["margins"][n:], oracle["correct"][n:], positions))]
         if dm_margins is not None:
             train_positions = {k: v for k, v in positions.items() if k != "val"}
-            scores = score(evaluation[:, : self.num_train], dm_margins, {**train_positions, "val": np.arange(0)})
+            scores = score(evaluation[:, : self.num_train], dm_margins, None, {**train_positions, "val": np.arange(0)})
             rows.append(self.row(name, forget, "dm_direct", {}, 0.0, scores))
         return rows
 
@@ -325,7 +331,8 @@ class Study:
             cost = unlearn.relative_cost(config, len(positions["forget"]), len(positions["retain"]), s.train.epochs)
             rows.append(self.row(
                 name, forget, method, dataclasses.asdict(config), cost,
-                score(oracle_margins, result.margins[epochs], positions), diverged=bool(diverged.any()),
+                score(oracle_margins, result.margins[epochs], result.correct[epochs], positions),
+                diverged=bool(diverged.any()),
                 diverged_fraction=float(diverged.mean()), diverged_fraction_a=float(diverged[:half].mean()),
                 diverged_epoch=int(result.diverged_epoch[diverged].min()) if diverged.any() else -1,
                 wall_time_s=wall))
@@ -343,7 +350,7 @@ class Study:
         """
         s = self.setup
         self.claim()
-        pretrained, pretrained_margins = self.pretrain()
+        pretrained, pretrained_margins, pretrained_correct = self.pretrain()
         if pretrain_only:
             return None
         dm = None
@@ -358,7 +365,7 @@ class Study:
                 dm_margins = datamodels.dm_direct_margins(pretrained_margins[:, : self.num_train],
                                                           s.datamodel_matrix, forget_pos).astype(np.float32)
                 dm[name] = unlearn.datamodel_targets(dm["pretrained_logits"], s.labels, dm_margins)
-            rows += self.reference_rows(name, forget, oracles[name], pretrained_margins, dm_margins)
+            rows += self.reference_rows(name, forget, oracles[name], pretrained_margins, pretrained_correct, dm_margins)
         # methods outer, sets inner: a partial run already compares every set for the first methods
         for method in s.methods:
             for name in s.forget_sets:

@@ -30,6 +30,7 @@ CONFIGS = {
     "finetune": unlearn.FineTuneConfig(lr=1e-2, epochs=3),
     "scrub": unlearn.ScrubConfig(lr=1e-2, epochs=3, ascent_epochs=2),
     "om": unlearn.OracleMatchingConfig(lr=5e-2, epochs=3, retain_fraction=0.1),
+    "dmm": unlearn.DatamodelMatchingConfig(lr=5e-2, epochs=3, retain_fraction=0.1),
     "retrain": unlearn.RetrainConfig(PRETRAIN),
 }
 
@@ -408,3 +409,29 @@ def test_batch_norm_train_mode_for_updates_eval_mode_for_margins_and_teacher(set
     # In train mode the student differs from the eval-mode teacher from the first step, so the
     # first max-pass already sees a positive KL (unlike the batch-norm-free MLP).
     assert (result.metrics["forget_kl"][0] > 1e-4).all()
+
+
+def test_datamodel_targets_have_exactly_the_predicted_margins():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 7, 5)).astype(np.float32) * 4
+    labels = rng.integers(0, 5, 7)
+    predicted = rng.normal(size=(3, 7)).astype(np.float32) * 3
+    targets = unlearn.datamodel_targets(logits, labels, predicted)
+    np.testing.assert_allclose(klom.margins(targets, labels), predicted, rtol=1e-5, atol=1e-5)
+    others = np.arange(5) != labels[:, None]
+    np.testing.assert_array_equal(targets[:, others], logits[:, others])  # only the true class moves
+    with pytest.raises(ValueError, match="need logits"):
+        unlearn.datamodel_targets(logits, labels, predicted[:, :3])
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("do_nothing", 0.0),
+    ("ga", 3 * 10 / (24 * 90)),  # 3 ascent epochs over 10 forget points / 24 retraining epochs over 90
+    ("gda", (2 * 10 + 3 * 90) / (24 * 90)),
+    ("finetune", 3 * 90 / (24 * 90)),
+    ("scrub", (2 * 10 + 3 * 90) / (24 * 90)),
+    ("om", 3 * (10 + 9) / (24 * 90)),  # retain_fraction 0.1 of 90
+    ("retrain", PRETRAIN.epochs * 90 / (24 * 90)),
+])
+def test_relative_cost_counts_example_gradients(name, expected):
+    assert unlearn.relative_cost(CONFIGS[name], 10, 90, 24) == pytest.approx(expected)

@@ -304,7 +304,8 @@ class UnlearnResult(NamedTuple):
     """Margins at every snapshot epoch and per-replica divergence.
 
     ``margins[e]`` is ``(K, n_eval)`` (train points in index order, then test points) after
-    ``e`` epochs; ``metrics[name]`` is ``(epochs, K)``; ``diverged`` ``(K,)`` flags replicas whose
+    ``e`` epochs and ``correct[e]`` whether each point is classified correctly then (argmax
+    equals the label and the logits are finite); ``metrics[name]`` is ``(epochs, K)``; ``diverged`` ``(K,)`` flags replicas whose
     loss or weights became non-finite, first in epoch ``diverged_epoch`` (1-based; -1 if never);
     ``variables[e]`` holds stacked variables at each snapshot when asked for, else ``None``.
     """
@@ -314,6 +315,7 @@ class UnlearnResult(NamedTuple):
     diverged: np.ndarray
     diverged_epoch: np.ndarray
     variables: dict[int, Any] | None
+    correct: dict[int, np.ndarray]
 
     def diverged_by(self, epoch: int) -> np.ndarray:
         """``(K,)`` replicas that had diverged within the first ``epoch`` epochs."""
@@ -385,9 +387,11 @@ def _margin_program(model: Model, norm: train.Normalization, num_points: int):
         def one_member(member_variables):
             def one_batch(batch):
                 logits, _ = model.apply(member_variables, batches.normalize(batch[0], norm.mean, norm.std), False)
-                return klom.margins(logits, batch[1])
+                correct = (jnp.argmax(logits, -1) == batch[1]) & jnp.all(jnp.isfinite(logits), -1)
+                return klom.margins(logits, batch[1]), correct
 
-            return jax.lax.map(one_batch, (x, y)).reshape(-1)[:num_points]
+            margins, correct = jax.lax.map(one_batch, (x, y))
+            return margins.reshape(-1)[:num_points], correct.reshape(-1)[:num_points]
 
         return jax.lax.map(one_member, variables)
 
@@ -395,8 +399,9 @@ def _margin_program(model: Model, norm: train.Normalization, num_points: int):
 
 
 def margin_function(model: Model, norm: train.Normalization, images: np.ndarray, labels: np.ndarray,
-                    batch_size: int = 1024) -> Callable[[Any], np.ndarray]:
-    """``stacked variables -> margins (K, n)`` in eval mode, one replica and ``batch_size`` images at a time.
+                    batch_size: int = 1024) -> Callable[[Any], tuple[np.ndarray, np.ndarray]]:
+    """``stacked variables -> (margins (K, n), correct (K, n) bool)`` in eval mode, one replica and
+    ``batch_size`` images at a time. ``correct``: argmax is the label and the logits are finite.
 
     The images go to the device once; the program is compiled once per model and shape.
     """
@@ -409,11 +414,11 @@ def margin_function(model: Model, norm: train.Normalization, images: np.ndarray,
     y = np.concatenate([labels, np.zeros(pad, labels.dtype)]).reshape(steps, size)
     x, y = jnp.asarray(x), jnp.asarray(y, jnp.int32)
     compute = _margin_program(model, norm, n)
-    return lambda variables: np.asarray(compute(variables, x, y))
+    return lambda variables: tuple(map(np.asarray, compute(variables, x, y)))
 
 
 class _Snapshots:
-    """Margins (and optionally variables) of every replica at every snapshot epoch.
+    """Margins, correctness (and optionally variables) of every replica at every snapshot epoch.
 
     Each (chunk, epoch) snapshot is also written to ``directory/snapshots`` when checkpointing,
     so snapshots taken before an interruption are read back after the resume.
@@ -421,6 +426,7 @@ class _Snapshots:
 
     def __init__(self, epochs, num_members, first_member, num_eval, keep_variables, directory, tag):
         self.margins = {e: np.full((num_members, num_eval), np.nan, np.float32) for e in epochs}
+        self.correct = {e: np.zeros((num_members, num_eval), bool) for e in epochs}
         self.filled = {e: np.zeros(num_members, bool) for e in epochs}
         self.variables = {e: [None] * num_members for e in epochs} if keep_variables else None
         self.first_member, self.num_eval, self.directory, self.tag = first_member, num_eval, directory, tag
@@ -431,6 +437,7 @@ class _Snapshots:
     def _store(self, epoch, members, snapshot):
         rows = np.asarray(members) - self.first_member
         self.margins[epoch][rows] = snapshot["margins"]
+        self.correct[epoch][rows] = snapshot["correct"]
         self.filled[epoch][rows] = True
         if self.variables is not None:
             for position, row in enumerate(rows):
@@ -438,7 +445,8 @@ class _Snapshots:
                                                                     snapshot["variables"])
 
     def take(self, epoch, members, variables, margins_of):
-        snapshot = {"margins": margins_of(variables)}
+        margins, correct = margins_of(variables)
+        snapshot = {"margins": margins, "correct": correct}
         if self.variables is not None:
             snapshot["variables"] = jax.device_get(variables)
         self._store(epoch, members, snapshot)
@@ -457,7 +465,8 @@ class _Snapshots:
                     if meta.get("fingerprint") != self.tag or rows.min() < 0 or rows.max() >= len(filled) \
                             or filled[rows].all():
                         continue
-                    like = {"margins": np.zeros((len(members), self.num_eval), np.float32)}
+                    like = {"margins": np.zeros((len(members), self.num_eval), np.float32),
+                            "correct": np.zeros((len(members), self.num_eval), bool)}
                     if self.variables is not None:
                         like["variables"] = jax.tree_util.tree_map(lambda leaf: leaf[rows], final_variables)
                     self._store(epoch, members, checkpoint.load(path, like)[0])
@@ -581,4 +590,4 @@ def unlearn(
     nonfinite = np.asarray(result.metrics["nonfinite"], bool)
     diverged = nonfinite.any(axis=0)
     diverged_epoch = np.where(diverged, nonfinite.argmax(axis=0) + 1, -1)
-    return UnlearnResult(store.margins, result.metrics, diverged, diverged_epoch, variables)
+    return UnlearnResult(store.margins, result.metrics, diverged, diverged_epoch, variables, store.correct)
