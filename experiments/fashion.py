@@ -52,21 +52,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def available_sets(directory: Path, subset: np.ndarray, labels: np.ndarray, seed: int) -> tuple[dict, bool]:
-    """Datamodel forget sets of ``directory`` if they were drawn from ``subset``, else random fallbacks."""
+def available_sets(directory: Path, subset: np.ndarray, labels: np.ndarray, seed: int) -> tuple[dict, str | None]:
+    """Datamodel forget sets of ``directory`` if drawn from ``subset``, else random fallbacks and a note why."""
     manifest_path = directory / forget_sets.MANIFEST
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
         if manifest["provenance"].get("subset_digest") == ensemble.digest(subset):
             return {name: forget_sets.load_index_file(directory / entry["file"], len(labels))
-                    for name, entry in manifest["sets"].items()}, True
-        print(f"note: the forget sets in {directory} were drawn from another study subset; using random sets")
+                    for name, entry in manifest["sets"].items()}, None
+        note = f"the forget sets in {directory} were drawn from another study subset"
     else:
-        print(f"note: no datamodel forget sets in {directory}; using random sets named fallback-random* "
-              "(run python -m ascent_jax.forget_sets to compute the PC-aligned ones)")
+        note = f"no datamodel forget sets in {directory}"
     recipes = [r for r in forget_sets.default_recipes() if r.kind == "random" and r.size < len(subset)]
     sets = forget_sets.build_sets(recipes, subset, None, seed)
-    return {f"fallback-random{r.size}": sets[r.name] for r in recipes}, False
+    note += ("; using random sets named fallback-random* (python -m ascent_jax.forget_sets computes the "
+             "PC-aligned ones)")
+    return {f"fallback-random{r.size}": sets[r.name] for r in recipes}, note
 
 
 def load_datamodels(path: Path, subset: np.ndarray) -> np.ndarray:
@@ -90,8 +91,8 @@ def build_setup(args: argparse.Namespace) -> study.Setup:
     x_train, y_train = data.load("fashion_mnist", "train", args.data_dir)
     x_test, y_test = data.load("fashion_mnist", "test", args.data_dir)
     subset = datamodels.study_subset(y_train, args.subset_size, args.subset_seed)
-    sets, computed = available_sets(args.forget_sets_dir, subset, y_train, args.subset_seed)
-    requested = args.forget_set or (list(DEFAULT_SETS) if computed else ["fallback-random100"])
+    sets, note = available_sets(args.forget_sets_dir, subset, y_train, args.subset_seed)
+    requested = args.forget_set or (list(DEFAULT_SETS) if note is None else ["fallback-random100"])
     chosen = study.resolve_forget_sets(requested, sets, len(y_train), subset)
     matrix = load_datamodels(args.datamodels, subset) if args.datamodels is not None else None
     info = data.FASHION_MNIST
@@ -101,7 +102,8 @@ def build_setup(args: argparse.Namespace) -> study.Setup:
         images=x_train[subset], labels=y_train[subset], subset=subset, test_images=x_test, test_labels=y_test,
         norm=train.Normalization(info.mean, info.std), ensemble=args.ensemble, seed=args.seed, forget_sets=chosen,
         methods=methods, grid=args.grid, lr=args.lr, datamodel_matrix=matrix, chunk_size=args.chunk_size,
-        layout=args.layout, keep_checkpoints=args.keep_checkpoints, progress=not args.no_progress)
+        layout=args.layout, keep_checkpoints=args.keep_checkpoints, progress=not args.no_progress,
+        notes=(note,) if note else ())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,6 +66,7 @@ class Setup:
     layout: str = "auto"
     keep_checkpoints: bool = False
     progress: bool = True
+    notes: tuple[str, ...] = ()  # printed with the plan (e.g. that forget sets fell back to random ones)
 
     def fingerprint_config(self) -> dict:
         """What pretraining and the oracles depend on: a run directory holds exactly one of these."""
@@ -215,7 +216,11 @@ class Study:
     # ---- bookkeeping
 
     def claim(self) -> None:
-        """Create the run directory, or check that it holds this configuration."""
+        """Create the run directory, or check that it holds this configuration.
+
+        Also deletes the half-written temp files a killed run leaves behind (one study process
+        per run directory).
+        """
         config = self.setup.fingerprint_config()
         tag = ensemble.fingerprint(config)
         path = self.out / "run.json"
@@ -226,6 +231,8 @@ class Study:
                 raise ValueError(f"{self.out} holds a study with another configuration (differs in: "
                                  f"{', '.join(differ) or 'fingerprint'}); use another --out, or delete {self.out} to "
                                  "start fresh")
+            for stale in self.out.rglob(".*.tmp"):
+                stale.unlink()
             return
         self.out.mkdir(parents=True, exist_ok=True)
         checkpoint.atomic_write(path, lambda h: h.write(json.dumps({"fingerprint": tag, "config": config},
@@ -391,7 +398,15 @@ def execute(setup: Setup, out: Path, *, pretrain_only: bool = False, extra_plan:
     written = plots.render(out)
     print(plots.summary(table))
     print(f"{len(table)} rows in {out / 'results.parquet'}; report and plots: " + ", ".join(str(p) for p in written))
+    print(f"run directory {out}: {directory_size(out) / 2**20:.1f} MiB ("
+          + ("finished runs' checkpoints kept: --keep-checkpoints" if setup.keep_checkpoints else
+             "finished runs' checkpoints pruned; the pretrained replicas and oracle margins are kept for reruns") + ")")
     return 0
+
+
+def directory_size(path: Path) -> int:
+    """Bytes of every file under ``path``."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
 def describe(setup: Setup) -> str:
@@ -407,5 +422,5 @@ def describe(setup: Setup) -> str:
              + ", ".join(f"{m} {configs[m]} configs in {runs[m]} runs" for m in s.methods),
              f"trainings: {s.ensemble} pretrained + {2 * s.ensemble * len(s.forget_sets)} oracles + "
              f"{s.ensemble * sum(runs.values()) * len(s.forget_sets)} unlearning runs of one replica"]
-    return "\n".join(lines)
+    return "\n".join(lines + [f"note: {note}" for note in s.notes])
 

@@ -24,6 +24,7 @@ import cifar_fixtures as cf
 from ascent_jax import data, ensemble, forget_sets, klom, models, train, unlearn
 from ascent_jax.cli import run_main
 from ascent_jax.unlearn import grids
+from experiments import cifar, fashion
 
 REPO = Path(__file__).resolve().parents[1]
 PROG = "python -m ascent_jax.forget_sets"
@@ -50,17 +51,17 @@ def run_cli(module: str, *args: str, cwd: Path) -> CliResult:
     return CliResult(done.returncode, done.stdout, done.stderr)
 
 
-def call_cli(capsys, *args: str) -> CliResult:
-    """``forget_sets.main`` in-process through ``run_main``, as ``python -m`` runs it."""
+def call_cli(capsys, *args: str, main=forget_sets.main) -> CliResult:
+    """A CLI's ``main`` (default ``forget_sets.main``) in-process through ``run_main``, as ``python -m`` runs it."""
     try:
-        code = run_main(forget_sets.main, list(args))
+        code = run_main(main, list(args))
     except SystemExit as exit_:  # argparse rejected an argument
         code = exit_.code
     captured = capsys.readouterr()
     return CliResult(code, captured.out, captured.err)
 
 
-def assert_user_error(result: CliResult, fragment: str) -> None:
+def assert_user_error(result: CliResult, fragment: str, prog: str = PROG) -> None:
     """Exit 2, nothing on stdout, no traceback, exactly one ``error: ...`` line on stderr matching ``fragment``.
 
     Flag errors (argparse) end with `` (see PROG --help)``; ``fragment`` may omit that tail.
@@ -70,7 +71,7 @@ def assert_user_error(result: CliResult, fragment: str) -> None:
     assert "Traceback" not in result.stderr, result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    line = lines[0].removesuffix(f" (see {PROG} --help)")
+    line = lines[0].removesuffix(f" (see {prog} --help)")
     assert re.search(fragment, line), f"{fragment!r} not in {line!r}"
 
 
@@ -556,3 +557,60 @@ def test_cli_import_of_two_files_with_one_name_is_refused(capsys, cli_paths, tmp
     result = call_cli(capsys, *fill(DATA, cli_paths), "--import", str(first), str(second), "--out", str(out))
     assert_user_error(result, rf"{re.escape(str(first))}.*{re.escape(str(second))}")
     assert not out.exists()
+
+
+# --- the study CLIs (experiments.fashion, experiments.cifar) --------------------------------
+
+STUDY_CASES = [
+    pytest.param(["--ensemble", "0"], r"argument --ensemble: must be at least 1, got 0$", id="ensemble-0"),
+    pytest.param(["--epochs", "0"], r"argument --epochs: must be at least 1, got 0$", id="epochs-0"),
+    pytest.param(["--lr", "nan"], r"argument --lr: must be a positive finite number, got nan$", id="lr-nan"),
+    pytest.param(["--lr=-1e-3"], r"argument --lr: must be a positive finite number, got -1e-3$", id="lr-negative"),
+    pytest.param(["--seed", "-2"], r"argument --seed: must be at least 0, got -2$", id="seed-negative"),
+    pytest.param(["--model", "vit"], r"argument --model: invalid choice: 'vit'", id="unknown-model"),
+    pytest.param(["--method", "nope"], r"unknown unlearning method 'nope'; choose one of ga, ", id="unknown-method"),
+    pytest.param(["--grid", "huge"], r"unknown grid preset 'huge'; choose one of paper, cpu, quick$", id="unknown-grid"),
+    pytest.param(["--method", "dmm"], r"method dmm needs datamodels: pass --datamodels", id="dmm-without-datamodels"),
+    pytest.param(["--forget-set", "set99"], r"unknown forget set 'set99': give a set name \(", id="unknown-forget-set"),
+    pytest.param(["--forget-set", "{bad_index}"], r"forget set file {bad_index}: indices out of range \[0, 60000\)",
+                 id="forget-indices-out-of-range"),
+    pytest.param(["--forget-set", "{empty_index}"], r"forget set file {empty_index}: contains no indices$",
+                 id="forget-indices-empty"),
+    pytest.param(["--forget-set", "{outside_index}"], r"indices are not in the study's training subset",
+                 id="forget-indices-outside-the-study-subset"),
+    pytest.param(["--data-dir", "{empty}"], r"{empty} has neither train-images-idx3-ubyte.gz nor", id="data-dir-empty"),
+    pytest.param(["--datamodels", "{nowhere}"], r"datamodels file {nowhere} does not exist", id="datamodels-missing"),
+    pytest.param(["--out", "{a_file}"], r"output directory {a_file} is not writable \(or is a file\)", id="out-is-a-file"),
+]
+
+
+@pytest.fixture
+def study_paths(tmp_path) -> dict[str, Path]:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a_file").write_text("keep me")
+    return {"empty": tmp_path / "empty", "nowhere": tmp_path / "nowhere.npz", "a_file": tmp_path / "a_file",
+            "out": tmp_path / "out", "bad_index": write_index_file(tmp_path / "bad.txt", "3 60000 70000"),
+            "empty_index": write_index_file(tmp_path / "empty.txt", ""),
+            "outside_index": write_index_file(tmp_path / "outside.txt", " ".join(map(str, range(0, 60000, 5))))}
+
+
+@pytest.mark.parametrize("args, fragment", STUDY_CASES)
+def test_bad_fashion_study_input(capsys, study_paths, args, fragment):
+    """Rejected before any output: exit 2, one line, the run directory never created."""
+    args = fill(args, study_paths)
+    out = ["--out", str(study_paths["out"])] if "--out" not in args else []
+    result = call_cli(capsys, *args, *out, "--no-progress", main=fashion.main)
+    assert_user_error(result, fill_pattern(fragment, study_paths), prog="python -m experiments.fashion")
+    assert not study_paths["out"].exists() and study_paths["a_file"].read_text() == "keep me"
+
+
+@pytest.mark.parametrize("args, fragment", [
+    pytest.param([], r"needs --data-dir DIR holding CIFAR-10", id="no-data-dir"),
+    pytest.param(["--data-dir", "{empty}"], r"CIFAR-10 not found in {empty}", id="data-dir-empty"),
+    pytest.param(["--data-dir", "{empty}", "--crop-padding", "-1"], r"--crop-padding must be non-negative, got -1$",
+                 id="crop-padding-negative"),
+])
+def test_bad_cifar_study_input(capsys, study_paths, args, fragment):
+    result = call_cli(capsys, *fill(args, study_paths), "--out", str(study_paths["out"]), main=cifar.main)
+    assert_user_error(result, fill_pattern(fragment, study_paths), prog="python -m experiments.cifar")
+    assert not study_paths["out"].exists()

@@ -135,8 +135,14 @@ def test_killed_run_resumes_to_the_same_table(tmp_path, uninterrupted, pattern):
     out = tmp_path / "run"
     _kill_when(out, pattern)
     assert not (out / "results.parquet").exists() or pattern == "sets/*/rows/*.csv"
+    # what a kill in the middle of an atomic write leaves: a truncated temp file beside the target
+    half_written = [out / "pretrain" / ".members-0000-0001.npz.k1ll3d.tmp", out / ".results.parquet.k1ll3d.tmp"]
+    for path in half_written:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"PK\x03\x04 truncated")
     assert run_main(fashion.main, [*KILLABLE, "--out", str(out)]) == 0
     pd.testing.assert_frame_equal(stable(pd.read_parquet(out / "results.parquet")), stable(uninterrupted))
+    assert not any(path.exists() for path in half_written)
 
 
 def test_run_dir_of_another_configuration_is_refused(smoke, capsys):
