@@ -186,6 +186,12 @@ def report(table: pd.DataFrame) -> str:
              "wrong. Cost = example-gradients relative to retraining.", ""]
     for name, rows in table.groupby("forget_set", sort=False):
         lines += [f"## {name} ({int(rows['forget_size'].iloc[0])} points)", "", _markdown(rows[COLUMNS]), ""]
+    references = table[table["method"].isin(REFERENCES)]
+    lines += ["## Mean margins against the oracles' (datamodel-matching paper, Fig. 4)", "",
+              "Correlation and mean absolute difference between each reference's mean margin and the evaluation "
+              "oracles' mean margin, per point; `dm_direct` is the datamodels' prediction of the oracle margins.", "",
+              _markdown(references[["forget_set", "method", "margin_corr_forget", "margin_mae_forget",
+                                    "margin_corr_retain", "margin_mae_retain"]]), ""]
     lines += ["## Selection: declared protocol vs best after the fact", "", selection.__doc__.split("\n\n")[1].strip()
               .replace("\n    ", " "), "", _markdown(selection(table)), ""]
     return "\n".join(lines)

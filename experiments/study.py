@@ -168,9 +168,17 @@ def accuracy(correct: np.ndarray | None) -> float:
     return float(np.mean(correct)) if correct is not None and correct.size else float("nan")
 
 
+def mean_margins(margins: np.ndarray) -> np.ndarray:
+    """Mean over replicas of each point's margin, ignoring non-finite ones (NaN where none is finite)."""
+    finite = np.isfinite(margins)
+    with np.errstate(invalid="ignore"):
+        return np.where(finite, margins, 0).sum(axis=0) / finite.sum(axis=0)
+
+
 def score(oracle: np.ndarray, unlearned: np.ndarray, correct: np.ndarray | None,
           positions: dict[str, np.ndarray]) -> dict[str, float]:
-    """KLoM p95/mean per split vs the evaluation oracles, on all replicas and on halves A/B; accuracies.
+    """KLoM p95/mean per split vs the evaluation oracles, on all replicas and on halves A/B; accuracies;
+    correlation and mean absolute difference of the mean margins with the oracles' on forget/retain points.
 
     ``correct`` ``(K, n_eval)``: whether each replica classifies each point correctly (``None``:
     accuracies are NaN, as for DM-direct, which predicts margins only).
@@ -183,6 +191,12 @@ def score(oracle: np.ndarray, unlearned: np.ndarray, correct: np.ndarray | None,
         row[f"klom_p95_{split}"] = float(np.percentile(finite, 95)) if finite.size else float("nan")
         row[f"klom_mean_{split}"] = float(np.mean(finite)) if finite.size else float("nan")
         row[f"acc_{split}"] = accuracy(None if correct is None else correct[:, where])
+    for split in ("forget", "retain"):  # the datamodel-matching paper's Fig. 4: mean margins vs the oracles'
+        ours, theirs = mean_margins(unlearned[:, positions[split]]), oracle[:, positions[split]].mean(axis=0)
+        usable = np.isfinite(ours)
+        row[f"margin_corr_{split}"] = (float(np.corrcoef(ours[usable], theirs[usable])[0, 1])
+                                       if usable.sum() > 2 and np.std(ours[usable]) > 0 else float("nan"))
+        row[f"margin_mae_{split}"] = float(np.mean(np.abs(ours[usable] - theirs[usable]))) if usable.any() else float("nan")
     half = len(unlearned) // 2
     for name, rows in (("a", slice(0, half)), ("b", slice(half, None))):
         if half >= 2:
