@@ -127,3 +127,19 @@ def test_build_rejects_bad_arguments(bad, message):
     with pytest.raises(ValueError) as error:
         models.build(args.pop("name"), **args)
     assert str(error.value) == message
+
+
+@pytest.mark.parametrize("kernel, channels", [(3, 1), (3, 16), (5, 4)])
+def test_patch_conv_equals_lax_convolution(kernel, channels):
+    """The small CNN's im2col convolution computes exactly nn.Conv's 'same' convolution."""
+    from ascent_jax.models.layers import PatchConv
+
+    layer = PatchConv(8, kernel)
+    x = jax.random.normal(jax.random.key(0), (2, 11, 9, channels))
+    variables = layer.init(jax.random.key(1), x)
+    params = variables["params"]
+    reference = jax.lax.conv_general_dilated(x, params["kernel"], (1, 1), [(kernel // 2, kernel // 2)] * 2,
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC")) + params["bias"]
+    np.testing.assert_allclose(layer.apply(variables, x), reference, rtol=1e-5, atol=1e-5)
+    fan_in = kernel * kernel * channels
+    assert np.abs(params["kernel"]).max() <= fan_in ** -0.5 and np.abs(params["bias"]).max() <= fan_in ** -0.5
