@@ -8,6 +8,7 @@ so a rerun (after a crash or a kill) resumes where it stopped and rebuilds the s
 
     run.json                    what the directory holds (another configuration is refused)
     pretrain/                   per-epoch checkpoints of the N replicas
+    sets/SET/forget.npy         the forget set (full-split indices; another set of that name is refused)
     sets/SET/oracles.npz        margins of the 2N oracles, target logits of oracles N..2N-1
     sets/SET/rows/RUN.csv       result rows of one grid run (one row per epoch count)
     work/                       checkpoints of the run in progress (pruned once it is done)
@@ -252,6 +253,16 @@ class Study:
         checkpoint.atomic_write(path, lambda h: h.write(json.dumps({"fingerprint": tag, "config": config},
                                                                      indent=2, default=str).encode()))
 
+    def check_set(self, name: str, forget: np.ndarray) -> None:
+        """Record ``sets/NAME/forget.npy``, or check that the cached stages of NAME used these indices."""
+        path = self.out / "sets" / name / "forget.npy"
+        if path.exists():
+            if not np.array_equal(np.load(path), forget):
+                raise ValueError(f"{path.parent} holds results for another forget set named {name!r}; rename the "
+                                 f"set's file, use another --out, or delete {path.parent}")
+            return
+        checkpoint.atomic_write(path, lambda h: np.save(h, np.asarray(forget, np.int64)))
+
     def prune(self, directory: Path) -> None:
         if not self.setup.keep_checkpoints:
             shutil.rmtree(directory, ignore_errors=True)
@@ -378,6 +389,8 @@ class Study:
         if s.datamodel_matrix is not None:
             dm = {"pretrained_logits": unlearn.target_logits(s.model, pretrained, s.images, s.norm)}
         rows, oracles, runs = [], {}, []
+        for name, forget in s.forget_sets.items():
+            self.check_set(name, forget)
         for name, forget in s.forget_sets.items():
             oracles[name] = self.oracles(name, forget)
             dm_margins = None

@@ -153,3 +153,12 @@ def test_run_dir_of_another_configuration_is_refused(smoke, capsys):
                             f"use another --out, or delete {smoke} to start fresh")
     assert (smoke / "run.json").read_text() == before
     assert json.loads(before)["config"]["ensemble"] == 4
+
+
+def test_another_forget_set_under_a_cached_name_is_refused(smoke, tmp_path, capsys):
+    cached = np.load(smoke / "sets" / "fallback-random10" / "forget.npy")
+    other = tmp_path / "fallback-random10.npy"  # same name, one point fewer
+    np.save(other, cached[:-1])
+    assert run_main(fashion.main, [*TINY, "--forget-set", str(other), "--method", "ga", "--out", str(smoke)]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: {smoke / 'sets' / 'fallback-random10'} holds results for another forget set named 'fallback-random10'")
