@@ -13,7 +13,8 @@ import pandas as pd
 from ascent_jax import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-ARGS = ["--ensemble", "2", "--epochs", "4", "--train-size", "1024", "--batch-size", "128", "--no-progress"]
+ARGS = ["--pretrain-only", "--ensemble", "2", "--epochs", "4", "--subset-size", "1024", "--batch-size", "128",
+        "--no-progress"]
 
 
 def command(out: Path) -> list[str]:

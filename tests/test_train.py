@@ -104,7 +104,7 @@ def test_map_layout_equals_vmap_layout(ensemble4, fashion_small, fashion_norm):
     """lax.map over members (the CPU-friendly layout) trains the same members as vmap."""
     mapped = fit(fashion_small, fashion_norm, num_members=4, seed=3, layout="map")
     chex.assert_trees_all_close(ensemble4.states, mapped.states, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="layout must be one of vmap, map, got 'scan'"):
+    with pytest.raises(ValueError, match="layout must be auto or one of vmap, map, got 'scan'"):
         fit(fashion_small, fashion_norm, layout="scan")
 
 
