@@ -55,6 +55,8 @@ def build_setup(args: argparse.Namespace) -> study.Setup:
     if args.crop_padding < 0:
         raise ValueError(f"--crop-padding must be non-negative, got {args.crop_padding}")
     check_writable(Path(args.out))
+    if args.snapshot is not None:
+        check_writable(args.snapshot)
     methods = study.check_methods(args.method, args.grid, has_datamodels=False)
     x_train, y_train = data.load("cifar10", "train", args.data_dir)
     x_test, y_test = data.load("cifar10", "test", args.data_dir)
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(study.describe(setup) + "\n" + plan(setup))
         return 0
-    return study.execute(setup, Path(args.out), extra_plan=plan(setup))
+    return study.execute(setup, Path(args.out), snapshot=args.snapshot, extra_plan=plan(setup))
 
 if __name__ == "__main__":
     sys.exit(run_main(main))

@@ -87,6 +87,8 @@ def load_datamodels(path: Path, subset: np.ndarray) -> np.ndarray:
 def build_setup(args: argparse.Namespace) -> study.Setup:
     """Validate every flag and load everything a study needs, before anything is written."""
     check_writable(Path(args.out))
+    if args.snapshot is not None:
+        check_writable(args.snapshot)
     methods = study.check_methods(args.method, args.grid, args.datamodels is not None)
     x_train, y_train = data.load("fashion_mnist", "train", args.data_dir)
     x_test, y_test = data.load("fashion_mnist", "test", args.data_dir)
@@ -108,7 +110,7 @@ def build_setup(args: argparse.Namespace) -> study.Setup:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return study.execute(build_setup(args), Path(args.out), pretrain_only=args.pretrain_only)
+    return study.execute(build_setup(args), Path(args.out), pretrain_only=args.pretrain_only, snapshot=args.snapshot)
 
 if __name__ == "__main__":
     sys.exit(run_main(main))

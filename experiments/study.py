@@ -103,6 +103,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, ensemble_size: int, model:
                         help="replicas trained at once (default: all); lower it to fit memory")
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="keep every finished run's checkpoints under RUN_DIR/work (default: prune them)")
+    parser.add_argument("--snapshot", type=Path, default=None, metavar="DIR",
+                        help="train nothing: tabulate what --out has finished so far (table, report, plots) into "
+                             "DIR; safe while the study runs in another process")
     parser.add_argument("--no-progress", action="store_true", help="disable progress bars")
 
 
@@ -230,11 +233,11 @@ class Study:
 
     # ---- bookkeeping
 
-    def claim(self) -> None:
+    def claim(self, read_only: bool = False) -> None:
         """Create the run directory, or check that it holds this configuration.
 
         Also deletes the half-written temp files a killed run leaves behind (one study process
-        per run directory).
+        per run directory) -- unless ``read_only`` (a snapshot of a run in progress).
         """
         config = self.setup.fingerprint_config()
         tag = ensemble.fingerprint(config)
@@ -246,17 +249,19 @@ class Study:
                 raise ValueError(f"{self.out} holds a study with another configuration (differs in: "
                                  f"{', '.join(differ) or 'fingerprint'}); use another --out, or delete {self.out} to "
                                  "start fresh")
-            for stale in self.out.rglob(".*.tmp"):
+            for stale in [] if read_only else self.out.rglob(".*.tmp"):
                 stale.unlink()
             return
+        if read_only:
+            raise ValueError(f"{self.out} holds no study yet (no run.json); nothing to snapshot")
         self.out.mkdir(parents=True, exist_ok=True)
         checkpoint.atomic_write(path, lambda h: h.write(json.dumps({"fingerprint": tag, "config": config},
                                                                      indent=2, default=str).encode()))
 
-    def check_set(self, name: str, forget: np.ndarray) -> None:
+    def check_set(self, name: str, forget: np.ndarray, read_only: bool = False) -> None:
         """Record ``sets/NAME/forget.npy``, or check that the cached stages of NAME used these indices."""
         path = self.out / "sets" / name / "forget.npy"
-        if path.exists():
+        if path.exists() or read_only:
             if not np.array_equal(np.load(path), forget):
                 raise ValueError(f"{path.parent} holds results for another forget set named {name!r}; rename the "
                                  f"set's file, use another --out, or delete {path.parent}")
@@ -276,9 +281,17 @@ class Study:
 
     # ---- stages
 
-    def pretrain(self) -> tuple[Any, np.ndarray]:
-        """The N pretrained replicas (variables) and their margins on the evaluation points."""
+    def pretrain(self, read_only: bool = False) -> tuple[Any, np.ndarray, np.ndarray]:
+        """The N pretrained replicas (variables), their margins and correctness on the evaluation points.
+
+        ``read_only``: only if pretraining has finished (else ``ValueError``); nothing is written.
+        """
         s = self.setup
+        if read_only:
+            chunks = -(-s.ensemble // (s.chunk_size or s.ensemble))
+            done = [checkpoint.read_meta(p)["epoch"] for p in (self.out / "pretrain").glob("members-*.npz")]
+            if len(done) < chunks or min(done, default=0) < s.train.epochs:
+                raise ValueError(f"pretraining in {self.out} has not finished; nothing to snapshot yet")
         result = train.train_ensemble(s.model, s.train, s.images, s.labels, s.norm, seed=s.seed,
                                       num_members=s.ensemble, chunk_size=s.chunk_size,
                                       checkpoint_dir=self.out / "pretrain", mesh=s.mesh, progress=s.progress,
@@ -288,6 +301,8 @@ class Study:
         test_accuracy = np.mean(correct[:, self.num_train:], axis=1)
         table = pd.DataFrame({"member": np.arange(s.ensemble), "model": s.model.name, "epochs": s.train.epochs,
                               "train_loss": result.metrics["loss"][-1], "test_accuracy": test_accuracy})
+        if read_only:
+            return result.states, margins, correct
         checkpoint.atomic_write(self.out / "pretrain_accuracy.csv", lambda h: h.write(table.to_csv(index=False).encode()))
         print(f"pretrained replicas: test accuracy mean {test_accuracy.mean():.4f}, min {test_accuracy.min():.4f}, "
               f"max {test_accuracy.max():.4f} (per member: {self.out / 'pretrain_accuracy.csv'})", flush=True)
@@ -338,17 +353,21 @@ class Study:
                 "device": self.device, "ensemble": self.setup.ensemble, "model": self.setup.model.name,
                 "dataset": self.setup.dataset, **extra}
 
+    def rows_path(self, name: str, run: grids.Run) -> Path:
+        """Where the rows of one grid run of forget set ``name`` are cached."""
+        key = ensemble.fingerprint({"config": dataclasses.asdict(run.config), "snapshots": run.snapshot_epochs})
+        return self.out / "sets" / name / "rows" / f"{unlearn.get(run.config).name}-{key}.csv"
+
     def grid_run(self, name: str, forget: np.ndarray, run: grids.Run, pretrained: Any, targets: np.ndarray | None,
                  oracle_margins: np.ndarray) -> list[dict]:
         """Run one grid run (one config at its largest epoch count, snapshotted at the others); cached rows."""
         s = self.setup
         method = unlearn.get(run.config).name
-        key = ensemble.fingerprint({"config": dataclasses.asdict(run.config), "snapshots": run.snapshot_epochs})
-        path = self.out / "sets" / name / "rows" / f"{method}-{key}.csv"
+        path = self.rows_path(name, run)
         if path.exists():
             return pd.read_csv(path, keep_default_na=False, na_values=[""]).to_dict("records")
         positions = self.positions(forget)
-        work = self.out / "work" / name / f"{method}-{key}"
+        work = self.out / "work" / name / path.stem
         started = time.time()
         result = unlearn.unlearn(run.config, s.model, pretrained, s.images, s.labels, s.norm, positions["forget"],
                                  seed=s.seed, snapshot_epochs=run.snapshot_epochs, test_images=s.test_images,
@@ -375,23 +394,30 @@ class Study:
 
     # ---- the whole study
 
-    def run(self, pretrain_only: bool = False) -> pd.DataFrame | None:
+    def run(self, pretrain_only: bool = False, snapshot: Path | None = None) -> pd.DataFrame | None:
         """All stages; returns the results table (also written as results.parquet and results.csv).
 
         ``pretrain_only`` stops after pretraining (and its accuracy table) and returns ``None``.
+        ``snapshot``: train nothing and write nothing into the run directory; tabulate the stages
+        finished so far into the folder ``snapshot`` (safe while another process runs the study).
         """
         s = self.setup
-        self.claim()
-        pretrained, pretrained_margins, pretrained_correct = self.pretrain()
+        read_only = snapshot is not None
+        self.claim(read_only)
+        pretrained, pretrained_margins, pretrained_correct = self.pretrain(read_only)
         if pretrain_only:
             return None
         dm = None
         if s.datamodel_matrix is not None:
             dm = {"pretrained_logits": unlearn.target_logits(s.model, pretrained, s.images, s.norm)}
         rows, oracles, runs = [], {}, []
+        sets = dict(s.forget_sets)
         for name, forget in s.forget_sets.items():
-            self.check_set(name, forget)
-        for name, forget in s.forget_sets.items():
+            if read_only and not (self.out / "sets" / name / "oracles.npz").exists():
+                del sets[name]
+                continue
+            self.check_set(name, forget, read_only)
+        for name, forget in sets.items():
             oracles[name] = self.oracles(name, forget)
             dm_margins = None
             if dm is not None:
@@ -402,8 +428,10 @@ class Study:
             rows += self.reference_rows(name, forget, oracles[name], pretrained_margins, pretrained_correct, dm_margins)
         # methods outer, sets inner: a partial run already compares every set for the first methods
         for method in s.methods:
-            for name in s.forget_sets:
+            for name in sets:
                 runs += [(name, method, run) for run in grids.group_runs(grid_configs(method, s.grid, s.lr))]
+        if read_only:
+            runs = [(name, method, run) for name, method, run in runs if self.rows_path(name, run).exists()]
         bar = tqdm(runs, desc="unlearning runs", unit="run", disable=not s.progress, dynamic_ncols=True)
         for name, method, run in bar:
             bar.set_postfix_str(f"{name} {method} lr={run.config.lr:g}")
@@ -411,16 +439,27 @@ class Study:
             rows += self.grid_run(name, s.forget_sets[name], run, pretrained, targets,
                                   oracles[name]["margins"][: s.ensemble])
         table = pd.DataFrame(rows)
-        checkpoint.atomic_write(self.out / "results.parquet", lambda h: table.to_parquet(h, index=False))
-        checkpoint.atomic_write(self.out / "results.csv", lambda h: h.write(table.to_csv(index=False).encode()))
+        destination = snapshot or self.out
+        checkpoint.atomic_write(destination / "results.parquet", lambda h: table.to_parquet(h, index=False))
+        checkpoint.atomic_write(destination / "results.csv", lambda h: h.write(table.to_csv(index=False).encode()))
         return table
 
 
-def execute(setup: Setup, out: Path, *, pretrain_only: bool = False, extra_plan: str | None = None) -> int:
-    """What both CLIs do: print the plan, run (resuming), draw the plots, print the summary."""
+def execute(setup: Setup, out: Path, *, pretrain_only: bool = False, snapshot: Path | None = None,
+            extra_plan: str | None = None) -> int:
+    """What both CLIs do: print the plan, run (resuming), draw the plots, print the summary.
+
+    With ``snapshot`` nothing is trained: what ``out`` has finished is tabulated into ``snapshot``.
+    """
     print(describe(setup) + (f"\n{extra_plan}" if extra_plan else ""), flush=True)
-    table = Study(setup, out).run(pretrain_only=pretrain_only)
+    table = Study(setup, out).run(pretrain_only=pretrain_only, snapshot=snapshot)
     if table is None:
+        return 0
+    if snapshot is not None:
+        written = plots.render(snapshot)
+        print(plots.summary(table))
+        print(f"snapshot of {out}: {len(table)} finished rows in {snapshot / 'results.parquet'}; report and plots: "
+              + ", ".join(str(p) for p in written))
         return 0
     written = plots.render(out)
     print(plots.summary(table))

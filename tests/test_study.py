@@ -162,3 +162,15 @@ def test_another_forget_set_under_a_cached_name_is_refused(smoke, tmp_path, caps
     assert run_main(fashion.main, [*TINY, "--forget-set", str(other), "--method", "ga", "--out", str(smoke)]) == 2
     assert capsys.readouterr().err.startswith(
         f"error: {smoke / 'sets' / 'fallback-random10'} holds results for another forget set named 'fallback-random10'")
+
+
+def test_snapshot_tabulates_finished_stages_without_touching_the_run(smoke, tmp_path):
+    before = {p: p.stat().st_mtime_ns for p in smoke.rglob("*")}
+    snapshot = tmp_path / "snapshot"
+    args = [*TINY, "--method", "ga", "--method", "om", "--method", "finetune", "--out", str(smoke),
+            "--snapshot", str(snapshot)]
+    assert run_main(fashion.main, args) == 0
+    assert {p: p.stat().st_mtime_ns for p in smoke.rglob("*")} == before  # nothing written, nothing trained
+    table = pd.read_parquet(snapshot / "results.parquet")
+    pd.testing.assert_frame_equal(stable(table), stable(pd.read_parquet(smoke / "results.parquet")))  # no finetune rows
+    assert (snapshot / "report.md").exists() and (snapshot / "forget_vs_val.png").exists()
