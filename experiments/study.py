@@ -269,6 +269,7 @@ class Study:
         checkpoint.atomic_write(path, lambda h: np.save(h, np.asarray(forget, np.int64)))
 
     def prune(self, directory: Path) -> None:
+        """Delete a finished stage's checkpoints unless --keep-checkpoints."""
         if not self.setup.keep_checkpoints:
             shutil.rmtree(directory, ignore_errors=True)
 
