@@ -24,7 +24,7 @@ import cifar_fixtures as cf
 from ascent_jax import data, ensemble, forget_sets, klom, models, train, unlearn
 from ascent_jax.cli import run_main
 from ascent_jax.unlearn import grids
-from experiments import cifar, fashion
+from experiments import cifar, fashion, plots
 
 REPO = Path(__file__).resolve().parents[1]
 PROG = "python -m ascent_jax.forget_sets"
@@ -614,3 +614,10 @@ def test_bad_cifar_study_input(capsys, study_paths, args, fragment):
     result = call_cli(capsys, *fill(args, study_paths), "--out", str(study_paths["out"]), main=cifar.main)
     assert_user_error(result, fill_pattern(fragment, study_paths), prog="python -m experiments.cifar")
     assert not study_paths["out"].exists()
+
+
+def test_plots_of_a_folder_without_a_study(capsys, tmp_path):
+    result = call_cli(capsys, str(tmp_path), main=plots.main)
+    assert_user_error(result, rf"{re.escape(str(tmp_path))} has no results.parquet or results.csv; run a study into it",
+                      prog="python -m experiments.plots")
+    assert list(tmp_path.iterdir()) == []
