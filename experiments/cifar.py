@@ -117,5 +117,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     return study.execute(setup, Path(args.out), snapshot=args.snapshot, extra_plan=plan(setup))
 
+
 if __name__ == "__main__":
     sys.exit(run_main(main))

@@ -112,5 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     return study.execute(build_setup(args), Path(args.out), pretrain_only=args.pretrain_only, snapshot=args.snapshot)
 
+
 if __name__ == "__main__":
     sys.exit(run_main(main))
