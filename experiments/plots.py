@@ -45,6 +45,12 @@ def load(run_dir: Path) -> pd.DataFrame:
     raise FileNotFoundError(f"{run_dir} has no results.parquet or results.csv; run a study into it first")
 
 
+def save(table: pd.DataFrame, directory: Path) -> None:
+    """Write ``table`` as ``directory``/results.parquet and results.csv (atomically)."""
+    checkpoint.atomic_write(directory / "results.parquet", lambda h: table.to_parquet(h, index=False))
+    checkpoint.atomic_write(directory / "results.csv", lambda h: h.write(table.to_csv(index=False).encode()))
+
+
 def _without_epochs(params: str) -> str:
     values = json.loads(params)
     values.pop("epochs", None)

@@ -440,9 +440,7 @@ class Study:
             rows += self.grid_run(name, s.forget_sets[name], run, pretrained, targets,
                                   oracles[name]["margins"][: s.ensemble])
         table = pd.DataFrame(rows)
-        destination = snapshot or self.out
-        checkpoint.atomic_write(destination / "results.parquet", lambda h: table.to_parquet(h, index=False))
-        checkpoint.atomic_write(destination / "results.csv", lambda h: h.write(table.to_csv(index=False).encode()))
+        plots.save(table, snapshot or self.out)
         return table
 
 

@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import cifar_fixtures as cf
 from ascent_jax import data, ensemble, forget_sets, klom, models, train, unlearn
 from ascent_jax.cli import run_main
 from ascent_jax.unlearn import grids
-from experiments import cifar, fashion, plots
+from experiments import cifar, fashion, merge, plots
 
 REPO = Path(__file__).resolve().parents[1]
 PROG = "python -m ascent_jax.forget_sets"
@@ -621,3 +622,55 @@ def test_plots_of_a_folder_without_a_study(capsys, tmp_path):
     assert_user_error(result, rf"{re.escape(str(tmp_path))} has no results.parquet or results.csv; run a study into it",
                       prog="python -m experiments.plots")
     assert list(tmp_path.iterdir()) == []
+
+
+# --- experiments.merge --------------------------------------------------------------
+
+def _results_dir(folder: Path, rows: list[dict]) -> Path:
+    """A run directory holding only a results.csv of ``rows`` (each a tiny study row)."""
+    base = {"forget_set": "s", "forget_size": 10, "params": "{}", "epochs": 0, "klom_p95_forget": 1.0,
+            "wall_time_s": 0.0, "device": "cpu:cpu", "ensemble": 4, "model": "mlp", "dataset": "fashion_mnist"}
+    folder.mkdir(parents=True)
+    pd.DataFrame([{**base, **row} for row in rows]).to_csv(folder / "results.csv", index=False)
+    return folder
+
+
+_WITNESSES = [{"method": "pretrained"}, {"method": "oracle", "klom_p95_forget": 0.5}]
+
+
+@pytest.mark.parametrize("second, fragment", [
+    pytest.param([*_WITNESSES[:1], {"method": "oracle", "klom_p95_forget": 0.7}],
+                 r"{a} and {b} disagree on the oracle row of forget set s \(klom_p95_forget\): they are not the same "
+                 r"study \(seed, N, recipe, subset or code differ\); merge only pieces of one study$", id="other-study"),
+    pytest.param([{**w, "ensemble": 6} for w in _WITNESSES],
+                 r"the tables are not one study: they differ in ensemble \({a}: 4; {b}: 6\)$", id="other-ensemble"),
+    pytest.param([{"method": "ga", "params": '{"lr": 0.1}', "epochs": 1}],
+                 r"{b} has no pretrained or oracle row for forget set s, so it cannot be checked to be the same study",
+                 id="no-witnesses"),
+    pytest.param([*_WITNESSES, {"method": "ga", "epochs": 1}, {"method": "ga", "epochs": 1}],
+                 r"{b} has two rows for forget set s, method ga, params {{}}, 1 epochs; it is not a study's results",
+                 id="duplicated-row"),
+])
+def test_merge_of_tables_that_are_not_one_study(capsys, tmp_path, second, fragment):
+    a = _results_dir(tmp_path / "a", [*_WITNESSES, {"method": "ga", "params": '{"lr": 0.1}', "epochs": 1}])
+    b = _results_dir(tmp_path / "b", second)
+    result = call_cli(capsys, str(tmp_path / "out"), str(a), str(b), main=merge.main)
+    assert_user_error(result, fragment.format(a=re.escape(str(a)), b=re.escape(str(b))),
+                      prog="python -m experiments.merge")
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_of_one_folder_twice(capsys, tmp_path):
+    a = _results_dir(tmp_path / "a", _WITNESSES)
+    result = call_cli(capsys, str(tmp_path / "out"), str(a), str(tmp_path / "a" / "."), main=merge.main)
+    assert_user_error(result, r"a RUN_DIR is named twice; name each run directory once$",
+                      prog="python -m experiments.merge")
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_of_a_folder_without_a_study(capsys, tmp_path):
+    a = _results_dir(tmp_path / "a", _WITNESSES)
+    result = call_cli(capsys, str(tmp_path / "out"), str(a), str(tmp_path / "empty"), main=merge.main)
+    assert_user_error(result, rf"{re.escape(str(tmp_path / 'empty'))} has no results.parquet or results.csv",
+                      prog="python -m experiments.merge")
+    assert not (tmp_path / "out").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pandas as pd
 import pytest
 
 from ascent_jax.cli import run_main
-from experiments import fashion, plots
+from experiments import fashion, merge, plots
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--ensemble", "4", "--epochs", "1", "--subset-size", "600", "--forget-set", "fallback-random10", "--no-progress"]
@@ -80,6 +81,22 @@ def test_selection_follows_the_declared_protocol(smoke):
     assert chosen.loc["ga", "chosen"] == best["params"]
     assert chosen.loc["ga", "fresh_b"] == best["klom_p95_forget_b"]
     assert chosen.loc["ga", "best_after_fact_b"] == ga["klom_p95_forget_b"].min()
+
+
+def test_pieces_of_a_study_merge_into_the_whole_study(smoke, tmp_path):
+    whole = tmp_path / "whole"  # the smoke study with fine-tune added to its run directory
+    shutil.copytree(smoke, whole)
+    assert run_main(fashion.main, [*TINY, "--method", "ga", "--method", "om", "--method", "finetune",
+                                   "--out", str(whole)]) == 0
+    piece = tmp_path / "piece"  # fine-tune alone in a fresh run directory: same seed, same replicas and oracles
+    assert run_main(fashion.main, [*TINY, "--method", "finetune", "--out", str(piece)]) == 0
+    out = tmp_path / "merged"
+    assert run_main(merge.main, [str(out), str(smoke), str(piece)]) == 0
+    merged = pd.read_parquet(out / "results.parquet")
+    pd.testing.assert_frame_equal(stable(merged), stable(pd.read_parquet(whole / "results.parquet")))
+    assert json.loads((out / "merged_from.json").read_text()) == {
+        "rows": 14 + 3, "sources": {str(smoke): 14, str(piece): 2 + 3}}
+    assert "finetune" in (out / "report.md").read_text() and (out / "forget_vs_val.png").stat().st_size > 0
 
 
 def test_divergence_is_a_result(tmp_path):
