@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
-from ascent_jax import checkpoint, klom, train
+from ascent_jax import checkpoint, ensemble, klom, train
 from ascent_jax.models import Model
 
 
@@ -190,7 +190,8 @@ def _lipschitz(x: jax.Array, iterations: int = 100) -> float:
 
 
 def fit_datamodels(masks: np.ndarray, outputs: np.ndarray, val_masks: np.ndarray, val_outputs: np.ndarray, *,
-                   ratios=DEFAULT_RATIOS, steps: int = 50, target_chunk: int = 1024) -> Datamodels:
+                   ratios=DEFAULT_RATIOS, steps: int = 50, target_chunk: int = 1024,
+                   checkpoint_dir: str | Path | None = None, log=None) -> Datamodels:
     """L1-regularised linear datamodels for every target (columns of ``outputs``) at once.
 
     ``masks`` ``(M, n)`` and ``outputs`` ``(M, targets)`` fit; ``val_*`` (other models) pick,
@@ -198,6 +199,9 @@ def fit_datamodels(masks: np.ndarray, outputs: np.ndarray, val_masks: np.ndarray
     not refitted on the union). Masks are standardised per column and outputs centred, as
     in Ilyas et al. (2022); weights are mapped back to 0/1 masks. Targets are processed
     ``target_chunk`` at a time to bound memory; FISTA runs ``steps`` iterations per ratio.
+    With ``checkpoint_dir`` each finished chunk is saved atomically under a folder keyed by
+    every input, so a rerun (after a kill) fits only the chunks not yet saved; ``log``
+    (e.g. ``print``) reports each chunk.
     """
     masks = np.asarray(masks, np.float32)
     outputs = np.asarray(outputs, np.float32)
@@ -213,14 +217,29 @@ def fit_datamodels(masks: np.ndarray, outputs: np.ndarray, val_masks: np.ndarray
     step = 1.0 / (1.01 * _lipschitz(x))
     ratios = jnp.asarray(sorted(ratios, reverse=True), jnp.float32)
     y_mean = outputs.mean(axis=0)
-    weights, chosen = [], []
-    for lo in range(0, outputs.shape[1], target_chunk):
+    val_outputs = np.asarray(val_outputs, np.float32)
+    if checkpoint_dir is not None:
+        key = ensemble.fingerprint({"inputs": [ensemble.digest(a) for a in (masks, outputs, x_val, val_outputs)],
+                                    "ratios": np.asarray(ratios).tolist(), "steps": steps, "chunk": target_chunk})
+        checkpoint_dir = Path(checkpoint_dir) / f"fit-{key}"
+    weights, chosen, started = [], [], time.time()
+    starts = range(0, outputs.shape[1], target_chunk)
+    for number, lo in enumerate(starts, 1):
         cols = slice(lo, lo + target_chunk)
-        w, ratio = _lasso_path(x, jnp.asarray(outputs[:, cols] - y_mean[cols]), x_val,
-                               jnp.asarray(np.asarray(val_outputs, np.float32)[:, cols] - y_mean[cols]),
-                               ratios, jnp.float32(step), steps)
-        weights.append(np.asarray(w).T)
-        chosen.append(np.asarray(ratio))
+        path = None if checkpoint_dir is None else checkpoint_dir / f"targets-{lo:06d}.npz"
+        if path is not None and path.exists():
+            with np.load(path) as saved:
+                w, ratio = saved["weights"], saved["ratio"]
+        else:
+            w, ratio = _lasso_path(x, jnp.asarray(outputs[:, cols] - y_mean[cols]), x_val,
+                                   jnp.asarray(val_outputs[:, cols] - y_mean[cols]), ratios, jnp.float32(step), steps)
+            w, ratio = np.asarray(w).T, np.asarray(ratio)
+            if path is not None:
+                checkpoint.atomic_write(path, lambda h, w=w, ratio=ratio: np.savez(h, weights=w, ratio=ratio))
+        weights.append(w)
+        chosen.append(ratio)
+        if log is not None:
+            log(f"datamodel fit: targets chunk {number}/{len(starts)} done, {time.time() - started:.0f} s so far")
     matrix = np.concatenate(weights) / std
     bias = y_mean - matrix @ mean
     return Datamodels(matrix.astype(np.float32), bias.astype(np.float32), np.concatenate(chosen))

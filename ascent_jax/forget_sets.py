@@ -10,8 +10,8 @@ histograms). User-supplied index files (``.npy`` / ``.txt`` / ``.json``) are val
 
     python -m ascent_jax.forget_sets --dataset fashion_mnist --models 2000 --out runs/forget_sets
 
-trains the datamodel ensemble (chunked, checkpointed, resumable), fits the datamodels,
-writes the sets and ``report.md`` (LDS, PC variance explained, class histograms) with
+trains the datamodel ensemble (chunked, checkpointed, resumable), fits the datamodels
+(a chunk of targets at a time, each saved, so a killed fit resumes too), writes the sets and ``report.md`` (LDS, PC variance explained, class histograms) with
 ``pc_images.png``, the most extreme images of each PC.
 """
 
@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -344,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
                                        progress=not args.no_progress, log=lambda m: print(m, flush=True))
     started = time.time()
     fit, val, test = slice(0, fit_models), slice(fit_models, fit_models + held), slice(fit_models + held, None)
-    dm = datamodels.fit_datamodels(masks[fit], margins[fit], masks[val], margins[val], steps=args.fista_steps)
+    dm = datamodels.fit_datamodels(masks[fit], margins[fit], masks[val], margins[val], steps=args.fista_steps,
+                                   checkpoint_dir=out / "fit", log=lambda m: print(m, flush=True))
     scores_lds = datamodels.lds(dm, masks[test], margins[test])
     mean_lds = float(np.nanmean(scores_lds)) if np.isfinite(scores_lds).any() else float("nan")
     print(f"datamodels fitted in {time.time() - started:.0f} s; LDS {mean_lds:.3f} on {held} held-out models", flush=True)
@@ -353,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint.atomic_write(out / "datamodels.npz", lambda h: np.savez(
         h, matrix=dm.matrix, bias=dm.bias, ratio=dm.ratio, lds=scores_lds, scores=components.scores,
         explained=components.explained, subset=subset))
+    shutil.rmtree(out / "fit", ignore_errors=True)  # the fit's chunks, now all in datamodels.npz
     sets = build_sets(recipes, subset, components.scores, args.seed)
     provenance["lds"] = mean_lds
     provenance["pc_variance_explained"] = components.explained.tolist()

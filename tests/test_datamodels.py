@@ -59,6 +59,27 @@ def test_fit_recovers_planted_sparse_linear_model():
     np.testing.assert_array_equal(fit.matrix, again.matrix)
 
 
+def test_killed_fit_resumes_to_the_uninterrupted_fit(tmp_path, monkeypatch):
+    masks, _, _, outputs = planted_linear(300, 20, 25, seed=1)
+    args = (masks[:250], outputs[:250], masks[250:], outputs[250:])
+    uninterrupted = datamodels.fit_datamodels(*args, target_chunk=10)
+    first = datamodels.fit_datamodels(*args, target_chunk=10, checkpoint_dir=tmp_path)
+    saved = sorted(tmp_path.glob("fit-*/targets-*.npz"))
+    assert [p.name for p in saved] == ["targets-000000.npz", "targets-000010.npz", "targets-000020.npz"]
+    saved[-1].unlink()  # killed before the last chunk was saved
+    fitted = []
+    real = datamodels._lasso_path
+    monkeypatch.setattr(datamodels, "_lasso_path", lambda x, y, *rest: fitted.append(y.shape[1]) or real(x, y, *rest))
+    resumed = datamodels.fit_datamodels(*args, target_chunk=10, checkpoint_dir=tmp_path)
+    assert fitted == [5]  # only the lost chunk (targets 20..24) was fitted again
+    for fit in (first, resumed):
+        for field in ("matrix", "bias", "ratio"):
+            np.testing.assert_array_equal(getattr(fit, field), getattr(uninterrupted, field))
+    other = datamodels.fit_datamodels(*args, target_chunk=10, steps=20, checkpoint_dir=tmp_path)
+    assert len(list(tmp_path.glob("fit-*"))) == 2  # other settings: other folder, nothing reused
+    assert not np.array_equal(other.matrix, uninterrupted.matrix)
+
+
 def test_lds_is_near_zero_without_signal_and_nan_for_constant_targets():
     rng = np.random.default_rng(1)
     masks = datamodels.subset_masks(200, 20, 0.5, seed=1)

@@ -148,6 +148,8 @@ def test_cli_end_to_end_tiny_and_resumes(tmp_path, synthetic_data, capsys):
         assert len(indices) == entry["size"] == sum(entry["class_histogram"]) and np.isin(indices, subset).all()
     for name in ("report.md", "pc_images.png", "datamodels.npz"):
         assert (out / name).is_file()
+    assert "datamodel fit: targets chunk 1/1 done" in first
+    assert not (out / "fit").exists()  # the fit's chunk checkpoints are dropped once datamodels.npz holds them
     sets = {name: np.load(out / e["file"]) for name, e in manifest["sets"].items()}
     (out / "margins" / "margins-00006-00011.npy").unlink()  # as if killed while training the second chunk
     assert run_main(forget_sets.main, args) == 0  # rerun: chunk 1 is reused, chunk 2 retrained identically
