@@ -10,7 +10,8 @@ Reads RUN_DIR/results.parquet (or results.csv) and writes into RUN_DIR:
   diverged configs circled in red.
 * ``forget_vs_retain.png`` -- Fig. 7: the same with retain points.
 * ``klom_over_time.png`` -- Fig. 2 (right): mean KLoM against unlearning epochs for one
-  hyper-parameter setting per method (the best final forget KLoM, or ``--time-method``'s).
+  hyper-parameter setting per method (the best final forget KLoM, or ``--time-method``'s),
+  starting at epoch 0 from the pretrained models.
 * ``report.md`` -- every row, the references beside them, and the selection analysis.
 """
 
@@ -100,8 +101,9 @@ def _over_time(table: pd.DataFrame, path: Path, method: str | None) -> Path:
         rows["setting"] = rows["params"].map(_without_epochs)
         if method is not None:
             rows = rows[rows["method"] == method]
+        start = table[(table["forget_set"] == name) & (table["method"] == "pretrained")]
         for (m, setting), group in _best_settings(rows):
-            group = group.sort_values("epochs")
+            group = pd.concat([start.assign(epochs=0), group.sort_values("epochs")])  # every run starts pretrained
             line, = ax.plot(group["epochs"], group["klom_mean_forget"], marker="o", label=f"{m} forget")
             ax.plot(group["epochs"], group["klom_mean_val"], marker=".", ls="--", color=line.get_color(),
                     label=f"{m} val")
@@ -111,8 +113,10 @@ def _over_time(table: pd.DataFrame, path: Path, method: str | None) -> Path:
         ax.set_title(name)
         ax.set_xlabel("unlearning epochs")
         ax.set_ylabel("mean KLoM")
-        ax.legend(fontsize=7)
-    fig.suptitle("Mean KLoM over unlearning time, the best-final-forget-KLoM setting of each method")
+    handles = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), fontsize=7, loc="center left", bbox_to_anchor=(0.905, 0.5))
+    fig.suptitle("Mean KLoM over unlearning time (epoch 0: the pretrained models), the best-final-forget-KLoM "
+                 "setting of each method")
     checkpoint.atomic_write(path, lambda h: fig.savefig(h, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
     return path
