@@ -10,9 +10,10 @@ histograms). User-supplied index files (``.npy`` / ``.txt`` / ``.json``) are val
 
     python -m ascent_jax.forget_sets --dataset fashion_mnist --models 2000 --out runs/forget_sets
 
-trains the datamodel ensemble (chunked, checkpointed, resumable), fits the datamodels
-(a chunk of targets at a time, each saved, so a killed fit resumes too), writes the sets and ``report.md`` (LDS, PC variance explained, class histograms) with
-``pc_images.png``, the most extreme images of each PC.
+trains the datamodel ensemble (chunked, checkpointed, resumable), fits the datamodels (a
+chunk of targets at a time, each saved, so a killed fit resumes too), writes the sets and
+``report.md`` (LDS, PC variance explained, class histograms) with ``pc_images.png``, the
+most extreme images of each PC.
 """
 
 from __future__ import annotations
