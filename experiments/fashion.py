@@ -1,6 +1,6 @@
 """The unlearning study on real Fashion-MNIST at CPU scale (the README's main job).
 
-    python -m experiments.fashion                       # ~6 minutes on 2 CPU cores
+    python -m experiments.fashion                       # ~2.5 minutes on 2 idle CPU cores
     python -m experiments.fashion --ensemble 100 --forget-set all --grid cpu
 
 The default is a short configuration: N = 8 MLP replicas (16 oracles per forget set) on the
