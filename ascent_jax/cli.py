@@ -49,6 +49,41 @@ def positive_float(text: str) -> float:
     return value
 
 
+def chunk_size(text: str) -> int | str:
+    """argparse type: ``auto`` or a whole number >= 1."""
+    return "auto" if text == "auto" else positive_int(text)
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, *, chunk_default: int | str = "auto") -> None:
+    """The flags of :class:`ascent_jax.ensemble.RunOptions`, shared by every CLI that trains."""
+    group = parser.add_argument_group("ensemble engine")
+    group.add_argument("--chunk-size", type=chunk_size, default=chunk_default,
+                       help=f"members trained at once, or 'auto' to fit device memory (default {chunk_default})")
+    group.add_argument("--layout", choices=["auto", "vmap", "map"], default="auto",
+                       help="how members are batched per device (auto: lax.map on CPU, vmap elsewhere)")
+    group.add_argument("--checkpoint-every", type=positive_int, default=1,
+                       help="epochs between checkpoints of training members (default 1; the last is always saved)")
+    group.add_argument("--distributed", action="store_true",
+                       help="join a multi-process run (jax.distributed; SLURM is detected, else set "
+                            "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); members are split over "
+                            "every process's devices and only process 0 writes tables, reports and plots")
+    group.add_argument("--reproducible", action="store_true",
+                       help="GPU reproducibility mode: full-precision matmuls (no TF32) and deterministic ops")
+    group.add_argument("--no-progress", action="store_true", help="disable progress bars")
+
+
+def run_options(args: argparse.Namespace, seed: int):
+    """The run options of parsed engine flags (joins the distributed run first when asked)."""
+    from ascent_jax import ensemble  # the engine imports jax; keep `--help` of every CLI fast
+
+    if args.reproducible:
+        ensemble.set_reproducible()
+    if args.distributed:
+        ensemble.initialize_distributed()
+    return ensemble.RunOptions(seed=seed, chunk_size=args.chunk_size, layout=args.layout, mesh=ensemble.default_mesh(),
+                               progress=not args.no_progress, checkpoint_every=args.checkpoint_every)
+
+
 def check_writable(out: Path) -> None:
     """Fail before any work if the output directory ``out`` cannot be created or written."""
     existing = next((p for p in [out, *out.parents] if p.exists()), Path("."))

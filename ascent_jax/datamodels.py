@@ -6,7 +6,7 @@ Recipe (Ilyas et al. 2022, as used by "Attribute-to-Delete" App. D.3 and the for
 1. :func:`study_subset` fixes the ``n`` training points of the CPU study (class balanced).
 2. :func:`subset_masks` draws ``M`` masks over those points, each with exactly
    ``round(alpha * n)`` ones (fixed size: the vmapped trainer needs equal subsets).
-3. :func:`train_margins` trains model ``j`` on mask ``j`` with the ensemble trainer and
+3. :func:`train_margins` trains model ``j`` on mask ``j`` with the ensemble engine and
    records its margin on all ``n`` points -> ``margins`` ``(M, n)``; chunked and resumable.
 4. :func:`fit_datamodels` fits, for every target point ``t`` at once (batched FISTA in JAX),
    the L1-regularised linear model ``margin_t(S) ~ theta_t . 1_S + b_t``, so
@@ -22,7 +22,6 @@ Recipe (Ilyas et al. 2022, as used by "Attribute-to-Delete" App. D.3 and the for
 from __future__ import annotations
 
 import functools
-import shutil
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -32,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
-from ascent_jax import checkpoint, ensemble, klom, train
+from ascent_jax import ensemble, train
 from ascent_jax.models import Model
 
 
@@ -79,44 +78,20 @@ def subset_masks(num_models: int, n: int, alpha: float, seed: int) -> np.ndarray
 
 
 def train_margins(model: Model, config: train.TrainConfig, images: np.ndarray, labels: np.ndarray,
-                  norm: train.Normalization, masks: np.ndarray, *, seed: int, chunk_size: int, out_dir: str | Path,
-                  progress: bool = True, log=print) -> np.ndarray:
+                  norm: train.Normalization, masks: np.ndarray, options: ensemble.RunOptions, *,
+                  out_dir: str | Path) -> np.ndarray:
     """Margins ``(M, n)`` of model ``j`` (trained on ``images[masks[j]]``) on every image.
 
-    Models are trained ``chunk_size`` at a time by :func:`ascent_jax.train.train_ensemble`
-    (member ``j`` uses key ``fold_in(key(seed), j)``), checkpointed every epoch under
-    ``out_dir/ckpt``; a finished chunk's margins are written atomically to
-    ``out_dir/margins-FIRST-LAST.npy`` and its checkpoint deleted, so a rerun skips it.
+    One ensemble run of the engine (member ``j`` uses key ``fold_in(key(options.seed), j)``),
+    ``options.chunk_size`` models at a time, checkpointed under ``out_dir``; each finished
+    chunk keeps only its margins (:func:`ascent_jax.ensemble.run`'s ``finalize``), so a rerun
+    skips it and the disk holds one chunk's checkpoints at a time.
     """
-    out_dir = Path(out_dir)
-    subsets = _subsets(masks)
-    rows, started, trained = [], time.time(), 0
-    starts = list(range(0, len(masks), chunk_size))
-    for number, start in enumerate(starts, 1):
-        stop = min(start + chunk_size, len(masks))
-        path = out_dir / f"margins-{start:05d}-{stop - 1:05d}.npy"
-        if path.exists():
-            chunk = np.load(path)
-            if chunk.shape != (stop - start, len(images)):
-                raise ValueError(f"margins file {path} has shape {chunk.shape}, expected {(stop - start, len(images))}; "
-                                 f"it belongs to another run: delete {out_dir} or use another --out")
-            rows.append(chunk)
-            log(f"chunk {number}/{len(starts)} (models {start}..{stop - 1}): margins found in {path.name}, skipped")
-            continue
-        ckpt = out_dir / "ckpt" / f"chunk-{start:05d}"
-        result = train.train_ensemble(model, config, images, labels, norm, seed=seed, num_members=stop - start,
-                                      first_member=start, subsets=subsets[start:stop], checkpoint_dir=ckpt,
-                                      progress=progress, desc=f"models {start}-{stop - 1}")
-        chunk = np.asarray(klom.margins(train.predict(model, result.states, images, norm), labels), np.float32)
-        checkpoint.atomic_write(path, lambda handle, chunk=chunk: np.save(handle, chunk))
-        shutil.rmtree(ckpt, ignore_errors=True)
-        rows.append(chunk)
-        trained += stop - start
-        elapsed = time.time() - started
-        left = len(masks) - stop
-        log(f"chunk {number}/{len(starts)} (models {start}..{stop - 1}) done; {elapsed:.0f} s so far, "
-            f"ETA {elapsed / trained * left:.0f} s for {left} more models")
-    return np.concatenate(rows)
+    evaluator = train.margin_evaluator(model, norm, images, labels, options)
+    result = train.train_ensemble(model, config, images, labels, norm, options, num_members=len(masks),
+                                  subsets=_subsets(masks), checkpoint_dir=out_dir,
+                                  finalize=lambda variables: evaluator.on_devices(variables)[0], desc="datamodel models")
+    return np.asarray(result.states, np.float32)
 
 
 def _subsets(masks: np.ndarray) -> np.ndarray:
@@ -199,8 +174,8 @@ def fit_datamodels(masks: np.ndarray, outputs: np.ndarray, val_masks: np.ndarray
     not refitted on the union). Masks are standardised per column and outputs centred, as
     in Ilyas et al. (2022); weights are mapped back to 0/1 masks. Targets are processed
     ``target_chunk`` at a time to bound memory; FISTA runs ``steps`` iterations per ratio.
-    With ``checkpoint_dir`` each finished chunk is saved atomically under a folder keyed by
-    every input, so a rerun (after a kill) fits only the chunks not yet saved; ``log``
+    With ``checkpoint_dir`` each finished chunk is saved in the store (:class:`ascent_jax.ensemble.Store`)
+    under a folder keyed by every input, so a rerun (after a kill) fits only the chunks not yet saved; ``log``
     (e.g. ``print``) reports each chunk.
     """
     masks = np.asarray(masks, np.float32)
@@ -218,24 +193,23 @@ def fit_datamodels(masks: np.ndarray, outputs: np.ndarray, val_masks: np.ndarray
     ratios = jnp.asarray(sorted(ratios, reverse=True), jnp.float32)
     y_mean = outputs.mean(axis=0)
     val_outputs = np.asarray(val_outputs, np.float32)
-    if checkpoint_dir is not None:
-        key = ensemble.fingerprint({"inputs": [ensemble.digest(a) for a in (masks, outputs, x_val, val_outputs)],
-                                    "ratios": np.asarray(ratios).tolist(), "steps": steps, "chunk": target_chunk})
-        checkpoint_dir = Path(checkpoint_dir) / f"fit-{key}"
+    key = ensemble.fingerprint({"inputs": [ensemble.digest(a) for a in (masks, outputs, x_val, val_outputs)],
+                                "ratios": np.asarray(ratios).tolist(), "steps": steps, "chunk": target_chunk})
+    store = None if checkpoint_dir is None else ensemble.Store(Path(checkpoint_dir) / f"fit-{key}")
     weights, chosen, started = [], [], time.time()
     starts = range(0, outputs.shape[1], target_chunk)
     for number, lo in enumerate(starts, 1):
         cols = slice(lo, lo + target_chunk)
-        path = None if checkpoint_dir is None else checkpoint_dir / f"targets-{lo:06d}.npz"
-        if path is not None and path.exists():
-            with np.load(path) as saved:
-                w, ratio = saved["weights"], saved["ratio"]
+        name = f"targets-{lo:06d}"
+        saved = None if store is None else store.load(name, key)
+        if saved is not None:
+            w, ratio = saved[0]["weights"], saved[0]["ratio"]
         else:
             w, ratio = _lasso_path(x, jnp.asarray(outputs[:, cols] - y_mean[cols]), x_val,
                                    jnp.asarray(val_outputs[:, cols] - y_mean[cols]), ratios, jnp.float32(step), steps)
-            w, ratio = np.asarray(w).T, np.asarray(ratio)
-            if path is not None:
-                checkpoint.atomic_write(path, lambda h, w=w, ratio=ratio: np.savez(h, weights=w, ratio=ratio))
+            w, ratio = np.ascontiguousarray(np.asarray(w).T), np.asarray(ratio)  # as a reload gives it
+            if store is not None:
+                store.save(name, key, {"weights": w, "ratio": ratio})
         weights.append(w)
         chosen.append(ratio)
         if log is not None:

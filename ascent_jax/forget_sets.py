@@ -29,15 +29,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ascent_jax import checkpoint, data, datamodels, ensemble, models, train
+from ascent_jax import data, datamodels, ensemble, files, models, train
 from ascent_jax.cli import (
     ArgumentParser,
+    add_engine_arguments,
     check_writable,
     non_negative_int,
     positive_float,
     positive_int,
     read_run_file,
     run_main,
+    run_options,
 )
 
 MANIFEST = "forget_sets.json"
@@ -195,11 +197,11 @@ def write_sets(out: Path, sets: dict[str, np.ndarray], labels: np.ndarray, num_c
     entries = {}
     for name, indices in sets.items():
         indices = np.asarray(indices, np.int64)
-        checkpoint.atomic_write(out / f"{name}.npy", lambda handle, a=indices: np.save(handle, a))
+        files.atomic_write(out / f"{name}.npy", lambda handle, a=indices: np.save(handle, a))
         entries[name] = {"file": f"{name}.npy", "size": len(indices), "recipe": (recipes or {}).get(name),
                          "class_histogram": class_histogram(indices, labels, num_classes)}
     manifest = {"provenance": provenance, "sets": entries}
-    checkpoint.atomic_write(out / MANIFEST, lambda handle: handle.write(json.dumps(manifest, indent=2).encode()))
+    files.atomic_write(out / MANIFEST, lambda handle: handle.write(json.dumps(manifest, indent=2).encode()))
     return manifest
 
 
@@ -239,8 +241,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=positive_int, default=10, help="training epochs per model (default 10)")
     parser.add_argument("--lr", type=positive_float, default=0.4, help="peak learning rate (default 0.4)")
     parser.add_argument("--batch-size", type=positive_int, default=512, help="batch size (default 512)")
-    parser.add_argument("--chunk-size", type=positive_int, default=100,
-                        help="models trained at once; one checkpoint + margins file per chunk (default 100)")
     parser.add_argument("--holdout", type=_fraction, default=0.1,
                         help="fraction of models held out twice: once to choose lambda, once for the LDS (default 0.1)")
     parser.add_argument("--fista-steps", type=positive_int, default=50,
@@ -253,7 +253,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the subset, masks, models and random sets")
     parser.add_argument("--data-dir", default=None, help="folder with the data set files")
     parser.add_argument("--out", default="runs/forget_sets", help="output directory (default runs/forget_sets)")
-    parser.add_argument("--no-progress", action="store_true", help="disable the progress bars")
+    add_engine_arguments(parser, chunk_default=100)
     return parser.parse_args(argv)
 
 
@@ -297,7 +297,7 @@ def _plot_pc_images(path: Path, images: np.ndarray, labels: np.ndarray, class_na
         axis_row[0].text(-0.3, 0.5, f"PC{pc} {end}", transform=axis_row[0].transAxes, ha="right", va="center",
                          fontsize=8)
     fig.subplots_adjust(left=0.08, right=0.99, top=0.93, bottom=0.01, hspace=0.6, wspace=0.1)
-    checkpoint.atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110))
+    files.atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -320,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     if fit_models < 2:
         raise ValueError(f"--models {args.models} leaves {fit_models} models to fit after holding out 2 x {held}; "
                          "use at least 8 models")
+    options = run_options(args, args.seed)
     images, labels = images_all[subset], labels_all[subset]
     norm = train.Normalization(info.mean, info.std)
     model = models.build(args.model, info.num_classes)
@@ -334,16 +335,14 @@ def main(argv: list[str] | None = None) -> int:
     tag_file = out / "run.json"
     if tag_file.exists() and read_run_file(tag_file).get("fingerprint") != run_tag:
         raise ValueError(f"{out} holds a run with other settings ({tag_file}); use another --out or delete it")
-    checkpoint.atomic_write(tag_file, lambda h: h.write(json.dumps({"fingerprint": run_tag, **provenance},
+    files.atomic_write(tag_file, lambda h: h.write(json.dumps({"fingerprint": run_tag, **provenance},
                                                                   indent=2).encode()))
-    checkpoint.atomic_write(out / "study_subset.npy", lambda h: np.save(h, subset))
+    files.atomic_write(out / "study_subset.npy", lambda h: np.save(h, subset))
     print(f"{args.dataset}: study subset of {n} class-balanced train points (seed {args.seed}); "
           f"{args.models} x {args.model} on {round(args.alpha * n)}-point subsets (alpha {args.alpha}), "
-          f"{args.epochs} epochs, in chunks of {args.chunk_size}; fit on {fit_models}, lambda chosen on {held}, "
+          f"{args.epochs} epochs, {args.chunk_size} at a time; fit on {fit_models}, lambda chosen on {held}, "
           f"LDS on {held} held-out models; run dir {out}", flush=True)
-    margins = datamodels.train_margins(model, config, images, labels, norm, masks, seed=args.seed,
-                                       chunk_size=args.chunk_size, out_dir=out / "margins",
-                                       progress=not args.no_progress, log=lambda m: print(m, flush=True))
+    margins = datamodels.train_margins(model, config, images, labels, norm, masks, options, out_dir=out / "margins")
     started = time.time()
     fit, val, test = slice(0, fit_models), slice(fit_models, fit_models + held), slice(fit_models + held, None)
     dm = datamodels.fit_datamodels(masks[fit], margins[fit], masks[val], margins[val], steps=args.fista_steps,
@@ -353,10 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"datamodels fitted in {time.time() - started:.0f} s; LDS {mean_lds:.3f} on {held} held-out models", flush=True)
     pcs = max(args.pcs)
     components = datamodels.principal_components(dm.matrix, pcs, seed=args.seed)
-    checkpoint.atomic_write(out / "datamodels.npz", lambda h: np.savez(
+    files.atomic_write(out / "datamodels.npz", lambda h: np.savez(
         h, matrix=dm.matrix, bias=dm.bias, ratio=dm.ratio, lds=scores_lds, scores=components.scores,
         explained=components.explained, subset=subset))
-    shutil.rmtree(out / "fit", ignore_errors=True)  # the fit's chunks, now all in datamodels.npz
+    if ensemble.is_writer():
+        shutil.rmtree(out / "fit", ignore_errors=True)  # the fit's chunks, now all in datamodels.npz
     sets = build_sets(recipes, subset, components.scores, args.seed)
     provenance["lds"] = mean_lds
     provenance["pc_variance_explained"] = components.explained.tolist()
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
                           {r.name: dataclasses.asdict(r) for r in recipes})
     _plot_pc_images(out / "pc_images.png", images, labels, info.class_names, components.scores, list(args.pcs))
     report = _report(args, manifest, mean_lds, scores_lds, held, components.explained, info.class_names)
-    checkpoint.atomic_write(out / "report.md", lambda h: h.write(report.encode()))
+    files.atomic_write(out / "report.md", lambda h: h.write(report.encode()))
     print(report)
     return 0
 

@@ -1,8 +1,8 @@
 """Pretraining (and oracle retraining): the papers' SGD recipe as a pure single-model step.
 
 ``train_step(state, batch)`` updates ONE model; ``make_epoch`` scans it over a shuffled
-epoch inside one jitted program; :func:`train_ensemble` hands both to the ensemble boundary
-(:func:`ascent_jax.ensemble.run`), which vmaps them over members, chunks, shards and resumes.
+epoch inside one jitted program; :func:`train_ensemble` hands both to the ensemble engine
+(:func:`ascent_jax.ensemble.run`), which runs them over members, chunks, shards and resumes.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import math
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ascent_jax import batches, ensemble
+from ascent_jax import batches, ensemble, klom
 from ascent_jax.models import Model
 
 
@@ -191,23 +192,21 @@ def train_ensemble(
     images: np.ndarray,
     labels: np.ndarray,
     norm: Normalization,
+    options: ensemble.RunOptions = ensemble.RunOptions(),
     *,
-    seed: int,
     num_members: int,
     first_member: int = 0,
     subsets: np.ndarray | None = None,
-    chunk_size: int | None = None,
     checkpoint_dir: str | Path | None = None,
-    mesh: jax.sharding.Mesh | None = None,
-    progress: bool = True,
+    finalize: Callable[[Any], Any] | None = None,
     desc: str = "pretrain",
-    layout: str = "auto",
 ) -> ensemble.EnsembleResult:
-    """Train members ``first_member ..``; member ``i`` uses key ``fold_in(key(seed), i)``.
+    """Train members ``first_member ..``; member ``i`` uses key ``fold_in(key(options.seed), i)``.
 
     ``subsets`` (``(num_members, m)`` indices into ``images``) gives each member its own
     training subset -- oracles (retain set) and datamodel subsets use it; ``None`` trains
-    every member on all of ``images``. Returns final variables stacked over members (numpy).
+    every member on all of ``images``. Returns final variables stacked over members (numpy),
+    or ``finalize(variables on the devices)`` of each chunk (see :func:`ascent_jax.ensemble.run`).
     """
     if not _is_count(num_members):
         raise ValueError(f"ensemble size must be positive, got {num_members!r}")
@@ -227,47 +226,54 @@ def train_ensemble(
             raise DivergedError(f"member(s) {members[bad].tolist()} reached a non-finite loss in epoch {epoch_done}; "
                                 f"lower the learning rate (peak_lr={config.peak_lr})")
 
-    data = (jnp.asarray(images), jnp.asarray(labels))
     run_config = {"model": model.name, "train": dataclasses.asdict(config), "norm": norm._asdict(),
                   "data": [list(images.shape), ensemble.digest(images), ensemble.digest(labels)], "subsets": ensemble.digest(subsets)}
     result = ensemble.run(
-        init, epoch, seed=seed, num_members=num_members, first_member=first_member, epochs=config.epochs, shared=data,
-        member_inputs=subsets, chunk_size=chunk_size, checkpoint_dir=checkpoint_dir, config=run_config,
-        on_epoch=check_finite, mesh=mesh, desc=desc, progress=progress, layout=layout,
+        init, epoch, options, num_members=num_members, first_member=first_member, epochs=config.epochs,
+        shared=(np.asarray(images), np.asarray(labels)), member_inputs=subsets, checkpoint_dir=checkpoint_dir,
+        config=run_config, on_epoch=check_finite, desc=desc,
+        finalize=None if finalize is None else lambda states: finalize(states.variables),
     )
-    return ensemble.EnsembleResult(result.states.variables, result.metrics)
+    return ensemble.EnsembleResult(result.states if finalize else result.states.variables, result.metrics)
 
 
 @functools.cache
-def _forward(model: Model, norm: Normalization):
-    """Jitted eval-mode logits of a stack of members on one batch of uint8 images."""
+def logits_fn(model: Model, norm: Normalization):
+    """Single-model eval-mode logits of a batch ``(uint8 images,)`` -- what :func:`predict` evaluates."""
 
-    @jax.jit
-    def forward(member_variables, x):
-        x = batches.normalize(x, norm.mean, norm.std)
-        return jax.vmap(lambda v: model.apply(v, x, False)[0])(member_variables)
+    def logits(variables, batch):
+        return model.apply(variables, batches.normalize(batch[0], norm.mean, norm.std), False)[0]
 
-    return forward
+    return logits
 
 
-def predict(model: Model, variables: Any, images: np.ndarray, norm: Normalization, *, batch_size: int = 1024,
-            member_chunk: int | None = None) -> np.ndarray:
-    """Eval-mode logits ``(K, n, classes)`` of every member on every image, memory-bounded.
+@functools.cache
+def margins_fn(model: Model, norm: Normalization):
+    """Single-model eval-mode ``(margins, correct)`` of a batch ``(uint8 images, labels)``.
 
-    Runs ``member_chunk`` members (default all) on ``batch_size`` images at a time; the data
-    set itself stays on the host and only one batch at a time is moved to the device.
+    ``correct``: the argmax is the label and the logits are finite.
     """
-    num_members = jax.tree_util.tree_leaves(variables)[0].shape[0]
-    member_chunk = member_chunk or num_members
-    forward = _forward(model, norm)
-    outputs = []
-    for start in range(0, num_members, member_chunk):
-        chunk = jax.tree_util.tree_map(lambda leaf: jnp.asarray(leaf[start:start + member_chunk]), variables)
-        rows = []
-        for lo in range(0, len(images), batch_size):
-            x = images[lo:lo + batch_size]
-            pad = batch_size - len(x) if len(images) > batch_size else 0
-            logits = forward(chunk, np.concatenate([x, np.repeat(x[-1:], pad, 0)]) if pad else x)
-            rows.append(np.asarray(logits)[:, : len(x)])
-        outputs.append(np.concatenate(rows, axis=1))
-    return np.concatenate(outputs, axis=0)
+
+    def margins_and_correct(variables, batch):
+        images, labels = batch
+        logits = logits_fn(model, norm)(variables, (images,))
+        correct = (jnp.argmax(logits, -1) == labels) & jnp.all(jnp.isfinite(logits), -1)
+        return klom.margins(logits, labels), correct
+
+    return margins_and_correct
+
+
+def margin_evaluator(model: Model, norm: Normalization, images: np.ndarray, labels: np.ndarray,
+                     options: ensemble.RunOptions = ensemble.RunOptions()) -> ensemble.Evaluator:
+    """An evaluator ``stacked variables -> (margins (K, n), correct (K, n) bool)`` on ``images``.
+
+    The images go to the devices once; call it on host variables, or its ``on_devices`` on a
+    training chunk's variables where they are.
+    """
+    return ensemble.Evaluator(margins_fn(model, norm), (images, np.asarray(labels, np.int32)), options)
+
+
+def predict(model: Model, variables: Any, images: np.ndarray, norm: Normalization,
+            options: ensemble.RunOptions = ensemble.RunOptions()) -> np.ndarray:
+    """Eval-mode logits ``(K, n, classes)`` of every member on every image, memory-bounded by the engine."""
+    return ensemble.Evaluator(logits_fn(model, norm), (images,), options)(variables)

@@ -3,7 +3,8 @@
 Runs :mod:`benchmarks.ensemble_throughput` and :mod:`benchmarks.klom_bench` with their default
 sizes (a few minutes on a 2-core CPU), writing ``ensemble_throughput.json`` and ``klom.json``
 into ``--output-dir``. ``--tiny`` runs both at smoke-test sizes (seconds; the tests use it).
-The GPU benchmark (:mod:`benchmarks.resnet9_gpu`) is not part of this set.
+Not part of this set: :mod:`benchmarks.sharded` (needs a fresh process with 4 forced host
+devices: ``python -m benchmarks.sharded``) and :mod:`benchmarks.gpu_check` (for one GPU).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts: run metadata, atomic JSON, timing, FLOPs, tables, torch.
+"""Helpers shared by the benchmark scripts: run metadata, atomic JSON, timing, compiled-program facts, tables, torch.
 
 Every result file records the device, the date, library versions, the exact command and the
 1-minute load average (the machines are shared; a load above the core count means the numbers
@@ -12,6 +12,7 @@ import datetime
 import itertools
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ascent_jax.checkpoint import atomic_write
+from ascent_jax.files import atomic_write
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -158,14 +159,38 @@ def matmul_gflops(size: int = 2048, dtype: Any = jnp.float32, repeats: int = 5) 
 
 
 def cost_flops(compiled: Any) -> float:
-    """FLOPs of one execution of a compiled XLA program, from XLA's cost analysis.
+    """FLOPs of one execution of a compiled XLA program (per device when partitioned), from XLA's cost analysis.
 
-    XLA counts the body of a while loop (``lax.scan``) once, whatever its trip count.
+    XLA counts the body of a while loop (``lax.scan``, ``lax.map``) once, whatever its trip count.
     """
     analysis = compiled.cost_analysis()
     if isinstance(analysis, (list, tuple)):  # older jax: one dict per device program
         analysis = analysis[0]
     return float(analysis.get("flops", float("nan")))
+
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
+_COLLECTIVE = re.compile(rf"\s({'|'.join(COLLECTIVES)})(?:-start)?\(")
+
+
+def collective_counts(compiled: Any) -> dict[str, int]:
+    """Cross-device collectives in a compiled program's HLO, by kind (``x(`` and async ``x-start(`` ops)."""
+    found = [match.group(1) for match in _COLLECTIVE.finditer(compiled.as_text())]
+    return {name: found.count(name) for name in COLLECTIVES}
+
+
+def memory(compiled: Any) -> dict:
+    """XLA's memory analysis of a compiled program in bytes (per device when partitioned)."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return {}
+    return {"argument_bytes": analysis.argument_size_in_bytes, "output_bytes": analysis.output_size_in_bytes,
+            "temp_bytes": analysis.temp_size_in_bytes, "alias_bytes": analysis.alias_size_in_bytes}
+
+
+def member_keys(seed: int, members: Any) -> jax.Array:
+    """The engine's PRNG key of each member, ``fold_in(key(seed), i)``, stacked (for programs outside the engine)."""
+    return jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.asarray(members, jnp.uint32))
 
 
 def table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
@@ -198,7 +223,7 @@ def torch_or_none():
 TORCH_MISSING = "torch is not installed (pip install -e '.[bench]'); the PyTorch contender was skipped"
 
 
-def torch_model(name: str, num_classes: int = 10, in_channels: int = 1):
+def torch_model(name: str, num_classes: int = 10, in_channels: int = 1, image_size: int = 28):
     """The PyTorch twin of ``ascent_jax.models.build(name)`` (same layers and widths, NCHW)."""
     from torch import nn
 
@@ -219,12 +244,13 @@ def torch_model(name: str, num_classes: int = 10, in_channels: int = 1):
             return x * 0.2
 
     if name == "mlp":
-        return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28 * in_channels, 256), nn.ReLU(), nn.Linear(256, num_classes))
+        return nn.Sequential(nn.Flatten(), nn.Linear(image_size**2 * in_channels, 256), nn.ReLU(),
+                             nn.Linear(256, num_classes))
     if name == "cnn":
         return nn.Sequential(
             nn.Conv2d(in_channels, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, num_classes))
+            nn.Flatten(), nn.Linear(32 * (image_size // 4) ** 2, 128), nn.ReLU(), nn.Linear(128, num_classes))
     if name == "resnet9":
         return nn.Sequential(
             conv_bn(in_channels, 64), conv_bn(64, 128, 5, 2, 2), Residual(128), conv_bn(128, 256),
@@ -233,23 +259,64 @@ def torch_model(name: str, num_classes: int = 10, in_channels: int = 1):
     raise ValueError(f"no PyTorch twin for {name!r}")
 
 
+def torch_grouped(module, groups: int):
+    """``groups`` independent copies of a twin as ONE network, stacked along channels.
+
+    Every convolution becomes a ``groups``-way grouped convolution, every batch norm one over
+    ``groups`` x C channels and every linear layer a batched one, so model ``m`` owns channel
+    block ``m`` throughout and never sees another model's activations: the way the public
+    unlearning benchmark retrains its oracles. Input ``(B, groups*C, H, W)``, output
+    ``(B, groups * classes)``; each block is initialised as its single twin is.
+    """
+    import copy
+
+    import torch
+    from torch import nn
+
+    class GroupedLinear(nn.Module):
+        def __init__(self, linear: nn.Linear):
+            super().__init__()
+            fan_in, fan_out = linear.in_features, linear.out_features
+            bound = fan_in**-0.5  # nn.Linear's default initialisation
+            self.weight = nn.Parameter(torch.empty(groups, fan_in, fan_out).uniform_(-bound, bound))
+            self.bias = None if linear.bias is None else nn.Parameter(torch.empty(groups, fan_out).uniform_(-bound, bound))
+
+        def forward(self, x):
+            y = torch.einsum("bgi,gio->bgo", x.reshape(x.shape[0], groups, -1), self.weight)
+            return (y if self.bias is None else y + self.bias).reshape(x.shape[0], -1)
+
+    if isinstance(module, nn.Conv2d):
+        return nn.Conv2d(module.in_channels * groups, module.out_channels * groups, module.kernel_size, module.stride,
+                         module.padding, bias=module.bias is not None, groups=groups)
+    if isinstance(module, nn.BatchNorm2d):
+        return nn.BatchNorm2d(module.num_features * groups)
+    if isinstance(module, nn.Linear):
+        return GroupedLinear(module)
+    grouped = copy.deepcopy(module)
+    for name, child in module.named_children():
+        setattr(grouped, name, torch_grouped(child, groups))
+    return grouped
+
+
 def torch_train_models(name: str, images: np.ndarray, labels: np.ndarray, *, models: int, epochs: int,
                        batch_size: int, mean: Sequence[float], std: Sequence[float], peak_lr: float = 0.4,
-                       device: str = "cpu", bf16: bool = False, seed: int = 0) -> float:
-    """Train ``models`` PyTorch models one after another for ``epochs`` epochs; returns wall seconds.
+                       device: str = "cpu", bf16: bool = False, seed: int = 0, grouped: bool = False) -> float:
+    """Train ``models`` PyTorch models for ``epochs`` epochs; returns wall seconds.
 
-    The plain per-model loop: uint8 NHWC data on ``device``, a fresh shuffle per epoch, per-step
-    normalisation, SGD (momentum 0.9, weight decay 5e-4) with the triangular learning rate,
-    ``bf16`` autocast on CUDA, ``channels_last`` for convolutions. Model construction is not timed.
+    The plain per-model loop (one model after another), or with ``grouped`` all of them at once
+    as one :func:`torch_grouped` network, each model with its own shuffle: uint8 NHWC data on
+    ``device``, per-step normalisation, SGD (momentum 0.9, weight decay 5e-4) with the
+    triangular learning rate, ``bf16`` autocast on CUDA, ``channels_last`` for convolutions.
+    Model construction is not timed.
     """
     import torch
-    import torch.nn.functional as F
 
     torch.manual_seed(seed)
     x_all = torch.as_tensor(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2)
     y_all = torch.as_tensor(labels, dtype=torch.long).to(device)
-    mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    channels = images.shape[-1]
+    mean_t, std_t = (torch.tensor(v, device=device).view(1, 1, -1, 1, 1) for v in (mean, std))
+    groups = models if grouped else 1
     steps = -(-len(images) // batch_size)
     total = epochs * steps
     warmup = max(1, round(5 / 24 * total))
@@ -257,28 +324,34 @@ def torch_train_models(name: str, images: np.ndarray, labels: np.ndarray, *, mod
     if device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True
 
+    def loss_of(net, index):
+        """Summed per-model mean cross-entropy of a batch; ``index`` is ``(groups, b)``."""
+        x = (x_all[index].float() / 255.0 - mean_t) / std_t  # (groups, b, C, H, W)
+        x = x.transpose(0, 1).reshape(index.shape[1], groups * channels, *x.shape[-2:]).contiguous(memory_format=layout)
+        with torch.autocast("cuda", torch.bfloat16, enabled=bf16 and device.startswith("cuda")):
+            logits = net(x).float().reshape(index.shape[1], groups, -1)
+        return groups * torch.nn.functional.cross_entropy(logits.permute(0, 2, 1), y_all[index].T)
+
     def train(net, epochs, steps_per_epoch):
         optimizer = torch.optim.SGD(net.parameters(), lr=peak_lr, momentum=0.9, weight_decay=5e-4)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda t: t / warmup if t < warmup else max(0.0, (total - t) / max(1, total - warmup)))
         for _ in range(epochs):
-            order = torch.randperm(len(images), device=device)
+            order = torch.stack([torch.randperm(len(images), device=device) for _ in range(groups)])
             for step in range(steps_per_epoch):
-                index = order[step * batch_size:(step + 1) * batch_size]
-                x = ((x_all[index].float() / 255.0 - mean_t) / std_t).contiguous(memory_format=layout)
-                with torch.autocast("cuda", torch.bfloat16, enabled=bf16 and device.startswith("cuda")):
-                    loss = F.cross_entropy(net(x), y_all[index])
+                loss = loss_of(net, order[:, step * batch_size:(step + 1) * batch_size])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 schedule.step()
 
     def new_net():
-        return torch_model(name, in_channels=images.shape[-1]).to(device, memory_format=layout)
+        twin = torch_model(name, in_channels=channels, image_size=images.shape[1])
+        return (torch_grouped(twin, groups) if grouped else twin).to(device, memory_format=layout)
 
     train(new_net(), 1, min(steps, 2))  # warm-up (allocator, cuDNN autotuning), not timed
     elapsed = 0.0
-    for _ in range(models):
+    for _ in range(1 if grouped else models):
         net = new_net()
         _synchronize(torch, device)
         start = time.perf_counter()

@@ -6,7 +6,7 @@ the MLP (784-256-10) and the small CNN, the papers' SGD recipe at batch 512 (pre
 batch 64 (unlearning). Contenders, timed in the same process:
 
 * ``vmap`` and ``map`` -- the two layouts :func:`ascent_jax.ensemble.run` compiles
-  (:func:`ascent_jax.ensemble.compiled`) around :func:`ascent_jax.train.make_epoch`: one jitted
+  (:func:`ascent_jax.ensemble.training_programs`) around :func:`ascent_jax.train.make_epoch`: one jitted
   epoch (a ``lax.scan`` over steps, state donated, data on device) for K members, batched with
   ``vmap`` or run one after another with ``lax.map``;
 * ``loop`` -- the same single-model epoch jitted once and called for each of the K members from
@@ -74,13 +74,14 @@ def bench_architecture(arch: str, batch: int, member_counts: list[int], points: 
     init = train.make_init(model, config, points, tuple(images.shape[1:]))
     most = max(member_counts)
     subsets = np.broadcast_to(np.arange(points, dtype=np.int32), (most, points))
-    vinit, _ = ensemble.compiled(init, epoch, "vmap")
-    initial = jax.device_get(vinit(ensemble.member_keys(SEED, np.arange(most)), subsets))
+    ids = np.arange(most, dtype=np.uint32)
+    base_key = jax.random.key_data(jax.random.key(SEED))  # what the engine's programs take for the seed
+    init_chunk, _ = ensemble.training_programs(init, epoch, "vmap")
+    initial = jax.device_get(init_chunk(base_key, ids, subsets))
 
     def stacked(k):
-        """States, subsets and keys of members 0..k-1 (fresh buffers: the epoch donates its state)."""
-        return (jax.tree_util.tree_map(lambda leaf: jnp.array(leaf[:k]), initial), subsets[:k],
-                ensemble.member_keys(SEED, np.arange(k)))
+        """States, subsets and member ids of members 0..k-1 (fresh buffers: the epoch donates its state)."""
+        return jax.tree_util.tree_map(lambda leaf: jnp.array(leaf[:k]), initial), subsets[:k], ids[:k]
 
     def member(i):
         """State, subset and key of member i alone."""
@@ -105,10 +106,10 @@ def bench_architecture(arch: str, batch: int, member_counts: list[int], points: 
     # of load from other processes hits them alike and their ratios stay comparable.
     contenders = {}  # (kind, key) -> (runner returning seconds, model-epochs per run, extra fields)
     for layout in LAYOUTS:
-        _, layout_epoch = ensemble.compiled(init, epoch, layout)  # what ensemble.run(layout=...) compiles
+        _, layout_epoch = ensemble.training_programs(init, epoch, layout)  # what ensemble.run(layout=...) runs
         for k in member_counts:
-            state, member_subsets, member_keys = stacked(k)
-            rest = (shared, member_subsets, member_keys)
+            state, member_subsets, member_ids = stacked(k)
+            rest = (member_subsets, member_ids, shared, base_key)
             compiled, compile_s = common.compile_timed(layout_epoch, state, *rest, jnp.int32(0))
             contenders[layout, k] = (_timer(common.Stepper(compiled, [state], [rest])), k, {"compile_seconds": compile_s})
 
@@ -127,9 +128,9 @@ def bench_architecture(arch: str, batch: int, member_counts: list[int], points: 
 
     probe_k = min(args.probe_members, most)
     if "steps" in probes:
-        state, member_subsets, member_keys = stacked(probe_k)
-        run, compile_s = _probe_steps(body, [state], shared, [member_subsets], [member_keys], config, steps,
-                                      vmapped=True)
+        state, member_subsets, member_ids = stacked(probe_k)
+        run, compile_s = _probe_steps(body, [state], shared, [member_subsets], [common.member_keys(SEED, member_ids)],
+                                      config, steps, vmapped=True)
         contenders["probe", "steps"] = (run, probe_k, {"members": probe_k, "compile_seconds": compile_s})
     if "model_steps" in probes:
         states, member_subsets, member_keys = zip(*(member(i) for i in range(probe_k)))

@@ -6,13 +6,15 @@
 The same pipeline as ``experiments.fashion`` (see ``experiments/study.py``) on all 50,000
 training images with ResNet-9 (``--model resnet18`` for ResNet-18, torchvision's ImageNet stem
 unless ``--resnet18-stem cifar``): N replicas, 2N oracles per forget set, the ``paper`` grid.
-The replica axis is sharded over every local device (``ascent_jax.sharding``) and trained in
-``--chunk-size`` replicas at a time to fit memory; ``--dtype bfloat16`` computes in bf16.
+The replica axis is split over every device (``ascent_jax.ensemble``, ``shard_map``) and trained
+``--chunk-size`` replicas at a time (``auto``: as many as fit the device memory); ``--dtype
+bfloat16`` computes in bf16; ``--distributed`` spans several processes (see the README).
 DIR must hold the official ``cifar-10-python.tar.gz`` / ``cifar-10-batches-py/`` or the binary
 ``cifar-10-binary.tar.gz`` / ``cifar-10-batches-bin/`` (or a tensorflow-datasets data dir).
 Forget sets: ``random10`` / ``random100`` / ``random500`` (drawn by --seed), or index files such
 as the officially published ones (validated; full-split indices). ``--dry-run`` prints the
-plan -- trainings and estimated FLOPs -- and exits without training.
+plan -- trainings, estimated FLOPs and time, memory per member and chunk size -- and exits
+without training; it needs no ``--data-dir`` (CIFAR-10's sizes are known).
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from ascent_jax import data, forget_sets, models, sharding, train, unlearn
-from ascent_jax.cli import ArgumentParser, check_writable, run_main
+from ascent_jax import data, ensemble, forget_sets, models, train, unlearn
+from ascent_jax.cli import ArgumentParser, check_writable, run_main, run_options
 from experiments import study
 
 
@@ -41,15 +43,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="ResNet-18 stem: torchvision's (as the public benchmark) or the 3x3 CIFAR stem")
     parser.add_argument("--flip", action="store_true", help="random horizontal flips in (re)training")
     parser.add_argument("--crop-padding", type=int, default=0, help="random crops after padding by this many pixels")
-    parser.add_argument("--layout", choices=["auto", "vmap", "map"], default="auto",
-                        help="ensemble layout (auto: vmap on accelerators, lax.map on CPU)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and estimated FLOPs, train nothing")
     return parser.parse_args(argv)
 
 
 def build_setup(args: argparse.Namespace) -> study.Setup:
     """Validate every flag and load CIFAR-10, before anything is written."""
-    if args.data_dir is None:
+    if args.data_dir is None and not args.dry_run:
         raise ValueError("python -m experiments.cifar needs --data-dir DIR holding CIFAR-10 (cifar-10-python.tar.gz, "
                          "cifar-10-batches-py/, cifar-10-binary.tar.gz, cifar-10-batches-bin/ or a tfds data dir)")
     if args.crop_padding < 0:
@@ -58,24 +58,26 @@ def build_setup(args: argparse.Namespace) -> study.Setup:
     if args.snapshot is not None:
         check_writable(args.snapshot)
     methods = study.check_methods(args.method, args.grid, has_datamodels=False)
-    x_train, y_train = data.load("cifar10", "train", args.data_dir)
-    x_test, y_test = data.load("cifar10", "test", args.data_dir)
+    info = data.CIFAR10
+    if args.data_dir is None:  # a dry run plans from CIFAR-10's known sizes; nothing is loaded
+        x_train, y_train = np.zeros((info.num_train, *info.image_shape), np.uint8), np.zeros(info.num_train, np.int32)
+        x_test, y_test = np.zeros((info.num_test, *info.image_shape), np.uint8), np.zeros(info.num_test, np.int32)
+    else:
+        x_train, y_train = data.load("cifar10", "train", args.data_dir)
+        x_test, y_test = data.load("cifar10", "test", args.data_dir)
     subset = np.arange(len(y_train))
     recipes = [r for r in forget_sets.default_recipes() if r.kind == "random" and r.size < len(subset)]
     built = forget_sets.build_sets(recipes, subset, None, args.seed)
     available = {f"random{r.size}": built[r.name] for r in recipes}
     chosen = study.resolve_forget_sets(args.forget_set or ["random100"], available, len(y_train), subset)
     options = {"stem": args.resnet18_stem} if args.model == "resnet18" else {}
-    info = data.CIFAR10
     return study.Setup(
         dataset="cifar10", model=models.build(args.model, info.num_classes, dtype=args.dtype, **options),
         train=train.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, peak_lr=args.pretrain_lr,
                                 flip=args.flip, crop_padding=args.crop_padding),
         images=x_train, labels=y_train, subset=subset, test_images=x_test, test_labels=y_test,
-        norm=train.Normalization(info.mean, info.std), ensemble=args.ensemble, seed=args.seed, forget_sets=chosen,
-        methods=methods, grid=args.grid, lr=args.lr, chunk_size=args.chunk_size,
-        mesh=sharding.ensemble_mesh() if len(jax.devices()) > 1 else None, layout=args.layout,
-        keep_checkpoints=args.keep_checkpoints, progress=not args.no_progress)
+        norm=train.Normalization(info.mean, info.std), ensemble=args.ensemble, options=run_options(args, args.seed),
+        forget_sets=chosen, methods=methods, grid=args.grid, lr=args.lr, keep_checkpoints=args.keep_checkpoints)
 
 
 def forward_flops(setup: study.Setup) -> float:
@@ -88,8 +90,14 @@ def forward_flops(setup: study.Setup) -> float:
     return float(cost.get("flops", float("nan")))
 
 
-def plan(setup: study.Setup) -> str:
-    """Example-gradients and forward passes of the whole study, and FLOPs (backward ~ 2 x forward)."""
+# Dense peak TFLOP/s of an H100 SXM by compute precision: bf16; float32 matmuls run as TF32 at
+# JAX's default precision; --reproducible ("highest") computes them in true float32.
+H100_PEAK_TFLOPS = {"bfloat16": 989.4, "tf32": 494.7, "float32": 66.9}
+
+
+def plan(setup: study.Setup, dtype: str, reproducible: bool) -> str:
+    """Example-gradients and forward passes of the whole study, FLOPs (backward ~ 2 x forward), the
+    time at 40% of the peak of the precision actually used, and the memory plan of pretraining."""
     s = setup
     n_train, n_eval = len(s.images), len(s.images) + len(s.test_images)
     gradients = s.ensemble * s.train.epochs * n_train
@@ -104,18 +112,27 @@ def plan(setup: study.Setup) -> str:
                 gradients += s.ensemble * (cost(run.config, len(forget), n_retain) if cost else 0)
                 forwards += s.ensemble * n_eval * len(run.snapshot_epochs)
     flops = forward_flops(s) * (3 * gradients + forwards)
+    precision = "bfloat16" if dtype == "bfloat16" else "float32" if reproducible else "tf32"
+    peak = H100_PEAK_TFLOPS[precision] * 1e12
+    memory = ensemble.plan_training(
+        train.make_init(s.model, s.train, n_train, tuple(s.images.shape[1:])),
+        train.make_epoch(s.model, s.train, s.norm, n_train), s.ensemble,
+        (jax.ShapeDtypeStruct(s.images.shape, np.uint8), jax.ShapeDtypeStruct(s.labels.shape, np.int32)),
+        jax.ShapeDtypeStruct((s.ensemble, n_train), np.int32), s.options)
     return (f"{gradients:.3g} example-gradients and {forwards:.3g} example forward passes: about {flops:.3g} FLOPs "
-            f"({flops / 1e15:.3g} PFLOP; at 40% of an H100's ~990 TFLOP/s dense bf16, about "
-            f"{flops / (0.4 * 990e12) / 3600:.2g} h)")
+            f"({flops / 1e15:.3g} PFLOP; at 40% of an H100's dense {precision} peak of {peak / 1e12:g} TFLOP/s, "
+            f"about {flops / (0.4 * peak) / 3600:.2g} h)\n"
+            + memory.describe(f"pretraining memory on {jax.devices()[0].platform}"))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup = build_setup(args)
     if args.dry_run:
-        print(study.describe(setup) + "\n" + plan(setup))
+        print(study.describe(setup) + "\n" + plan(setup, args.dtype, args.reproducible))
         return 0
-    return study.execute(setup, Path(args.out), snapshot=args.snapshot, extra_plan=plan(setup))
+    return study.execute(setup, Path(args.out), snapshot=args.snapshot,
+                         extra_plan=plan(setup, args.dtype, args.reproducible))
 
 
 if __name__ == "__main__":

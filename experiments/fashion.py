@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ascent_jax import data, datamodels, ensemble, forget_sets, models, train
-from ascent_jax.cli import ArgumentParser, check_writable, non_negative_int, positive_int, run_main
+from ascent_jax.cli import ArgumentParser, check_writable, non_negative_int, positive_int, run_main, run_options
 from experiments import study
 
 FORGET_SETS_DIR = Path(__file__).parent / "forget_sets" / "fashion_mnist"
@@ -47,8 +47,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="datamodels.npz of ascent_jax.forget_sets on the same subset: adds dm_direct and dmm")
     parser.add_argument("--pretrain-only", action="store_true",
                         help="stop after pretraining the replicas and printing their test accuracy")
-    parser.add_argument("--layout", choices=["auto", "vmap", "map"], default="auto",
-                        help="ensemble layout of pretraining (auto: lax.map on CPU, vmap elsewhere)")
     return parser.parse_args(argv)
 
 
@@ -102,10 +100,9 @@ def build_setup(args: argparse.Namespace) -> study.Setup:
         dataset="fashion_mnist", model=models.build(args.model, info.num_classes),
         train=train.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, peak_lr=args.pretrain_lr),
         images=x_train[subset], labels=y_train[subset], subset=subset, test_images=x_test, test_labels=y_test,
-        norm=train.Normalization(info.mean, info.std), ensemble=args.ensemble, seed=args.seed, forget_sets=chosen,
-        methods=methods, grid=args.grid, lr=args.lr, datamodel_matrix=matrix, chunk_size=args.chunk_size,
-        layout=args.layout, keep_checkpoints=args.keep_checkpoints, progress=not args.no_progress,
-        notes=(note,) if note else ())
+        norm=train.Normalization(info.mean, info.std), ensemble=args.ensemble, options=run_options(args, args.seed),
+        forget_sets=chosen, methods=methods, grid=args.grid, lr=args.lr, datamodel_matrix=matrix,
+        keep_checkpoints=args.keep_checkpoints, notes=(note,) if note else ())
 
 
 def main(argv: list[str] | None = None) -> int:

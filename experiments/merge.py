@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ascent_jax import checkpoint
+from ascent_jax import files
 from ascent_jax.cli import ArgumentParser, check_writable, run_main
 from experiments import plots
 
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     table = merge(tables)
     plots.save(table, args.out)
     provenance = {"rows": len(table), "sources": {source: len(rows) for source, rows in tables.items()}}
-    checkpoint.atomic_write(args.out / "merged_from.json", lambda h: h.write(json.dumps(provenance, indent=2).encode()))
+    files.atomic_write(args.out / "merged_from.json", lambda h: h.write(json.dumps(provenance, indent=2).encode()))
     for path in plots.render(args.out, args.time_method):
         print(path)
     print(f"{len(table)} rows from {len(args.run_dirs)} tables in {args.out / 'results.parquet'}")

@@ -30,7 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from ascent_jax import checkpoint  # noqa: E402
+from ascent_jax import files  # noqa: E402
 from ascent_jax.cli import ArgumentParser, run_main  # noqa: E402
 
 REFERENCES = ("pretrained", "oracle", "dm_direct")
@@ -48,8 +48,8 @@ def load(run_dir: Path) -> pd.DataFrame:
 
 def save(table: pd.DataFrame, directory: Path) -> None:
     """Write ``table`` as ``directory``/results.parquet and results.csv (atomically)."""
-    checkpoint.atomic_write(directory / "results.parquet", lambda h: table.to_parquet(h, index=False))
-    checkpoint.atomic_write(directory / "results.csv", lambda h: h.write(table.to_csv(index=False).encode()))
+    files.atomic_write(directory / "results.parquet", lambda h: table.to_parquet(h, index=False))
+    files.atomic_write(directory / "results.csv", lambda h: h.write(table.to_csv(index=False).encode()))
 
 
 def _without_epochs(params: str) -> str:
@@ -88,7 +88,7 @@ def _scatter(table: pd.DataFrame, x: str, y: str, path: Path, title: str) -> Pat
         fig.colorbar(points, ax=axes[0].tolist(), label="compute relative to retraining")
     n = int(table["ensemble"].iloc[0])
     fig.suptitle(f"{title} -- N = {n}; dashed: independent oracles (noise floor); red rings: diverged")
-    checkpoint.atomic_write(path, lambda h: fig.savefig(h, format="png", dpi=110, bbox_inches="tight"))
+    files.atomic_write(path, lambda h: fig.savefig(h, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
     return path
 
@@ -117,7 +117,7 @@ def _over_time(table: pd.DataFrame, path: Path, method: str | None) -> Path:
     fig.legend(handles.values(), handles.keys(), fontsize=7, loc="center left", bbox_to_anchor=(0.905, 0.5))
     fig.suptitle("Mean KLoM over unlearning time (epoch 0: the pretrained models), the best-final-forget-KLoM "
                  "setting of each method")
-    checkpoint.atomic_write(path, lambda h: fig.savefig(h, format="png", dpi=110, bbox_inches="tight"))
+    files.atomic_write(path, lambda h: fig.savefig(h, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
     return path
 
@@ -215,7 +215,7 @@ def render(run_dir: Path, time_method: str | None = None) -> list[Path]:
              _scatter(table, "klom_p95_retain", "klom_p95_forget", run_dir / "forget_vs_retain.png",
                       "Forget vs retain KLoM (Fig. 7 style)"),
              _over_time(table, run_dir / "klom_over_time.png", time_method)]
-    checkpoint.atomic_write(run_dir / "report.md", lambda h: h.write(report(table).encode()))
+    files.atomic_write(run_dir / "report.md", lambda h: h.write(report(table).encode()))
     return [*paths, run_dir / "report.md"]
 
 

@@ -9,8 +9,8 @@ so a rerun (after a crash or a kill) resumes where it stopped and rebuilds the s
     run.json                    what the directory holds (another configuration is refused)
     pretrain/                   per-epoch checkpoints of the N replicas
     sets/SET/forget.npy         the forget set (full-split indices; another set of that name is refused)
-    sets/SET/oracles.npz        margins of the 2N oracles, target logits of oracles N..2N-1
-    sets/SET/rows/RUN.csv       result rows of one grid run (one row per epoch count)
+    sets/SET/oracles/           margins of the 2N oracles, target logits of oracles N..2N-1
+    sets/SET/rows/RUN/          result rows of one grid run (one row per epoch count)
     work/                       checkpoints of the run in progress (pruned once it is done)
     results.parquet / .csv      one row per (forget set, method, hyper-parameters, epochs)
 
@@ -35,8 +35,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ascent_jax import checkpoint, datamodels, ensemble, forget_sets, klom, train, unlearn
-from ascent_jax.cli import non_negative_int, positive_float, positive_int, read_run_file
+from ascent_jax import datamodels, ensemble, files, forget_sets, klom, train, unlearn
+from ascent_jax.cli import add_engine_arguments, non_negative_int, positive_float, positive_int, read_run_file
 from ascent_jax.models import Model
 from ascent_jax.unlearn import grids
 from experiments import plots
@@ -56,23 +56,19 @@ class Setup:
     test_labels: np.ndarray
     norm: train.Normalization
     ensemble: int
-    seed: int
+    options: ensemble.RunOptions  # seed, chunking, layout, mesh, checkpoint policy, progress
     forget_sets: dict[str, np.ndarray]  # name -> full-split indices
     methods: tuple[str, ...]
     grid: str
     lr: float | None = None
     datamodel_matrix: np.ndarray | None = None  # (n, n) margin datamodels on the study points
-    chunk_size: int | None = None
-    mesh: Any = None
-    layout: str = "auto"
     keep_checkpoints: bool = False
-    progress: bool = True
     notes: tuple[str, ...] = ()  # printed with the plan (e.g. that forget sets fell back to random ones)
 
     def fingerprint_config(self) -> dict:
         """What pretraining and the oracles depend on: a run directory holds exactly one of these."""
         return {"dataset": self.dataset, "model": self.model.name, "train": dataclasses.asdict(self.train),
-                "ensemble": self.ensemble, "seed": self.seed, "subset": ensemble.digest(self.subset),
+                "ensemble": self.ensemble, "seed": self.options.seed, "subset": ensemble.digest(self.subset),
                 "test": ensemble.digest(self.test_labels)}
 
 
@@ -82,7 +78,7 @@ class Setup:
 
 def add_arguments(parser: argparse.ArgumentParser, *, ensemble_size: int, model: str, models: list[str], epochs: int,
                   grid: str, out: str, forget_help: str) -> None:
-    """The flags both study CLIs share (the issue's list plus chunking, checkpoints and progress)."""
+    """The flags both study CLIs share (the issue's list plus the engine's: chunking, layout, checkpoints, processes)."""
     parser.add_argument("--ensemble", type=positive_int, default=ensemble_size,
                         help=f"replicas N; 2N oracles are trained per forget set (default {ensemble_size})")
     parser.add_argument("--model", choices=models, default=model, help=f"architecture (default {model})")
@@ -99,14 +95,12 @@ def add_arguments(parser: argparse.ArgumentParser, *, ensemble_size: int, model:
     parser.add_argument("--data-dir", default=None, help="folder with the data set files")
     parser.add_argument("--out", default=out, help=f"run directory (default {out}); rerunning resumes")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="base seed (replica i uses fold_in(key(seed), i))")
-    parser.add_argument("--chunk-size", type=positive_int, default=None,
-                        help="replicas trained at once (default: all); lower it to fit memory")
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="keep every finished run's checkpoints under RUN_DIR/work (default: prune them)")
     parser.add_argument("--snapshot", type=Path, default=None, metavar="DIR",
                         help="train nothing: tabulate what --out has finished so far (table, report, plots) into "
                              "DIR; safe while the study runs in another process")
-    parser.add_argument("--no-progress", action="store_true", help="disable progress bars")
+    add_engine_arguments(parser)
 
 
 def grid_methods() -> tuple[str, ...]:
@@ -249,13 +243,15 @@ class Study:
                 raise ValueError(f"{self.out} holds a study with another configuration (differs in: "
                                  f"{', '.join(differ) or 'fingerprint'}); use another --out, or delete {self.out} to "
                                  "start fresh")
-            for stale in [] if read_only else self.out.rglob(".*.tmp"):
-                stale.unlink()
+            if not read_only and ensemble.is_writer():
+                for stale in self.out.rglob(".*.tmp"):
+                    stale.unlink()
+                ensemble.remove_partial(self.out)
             return
         if read_only:
             raise ValueError(f"{self.out} holds no study yet (no run.json); nothing to snapshot")
         self.out.mkdir(parents=True, exist_ok=True)
-        checkpoint.atomic_write(path, lambda h: h.write(json.dumps({"fingerprint": tag, "config": config},
+        files.atomic_write(path, lambda h: h.write(json.dumps({"fingerprint": tag, "config": config},
                                                                      indent=2, default=str).encode()))
 
     def check_set(self, name: str, forget: np.ndarray, read_only: bool = False) -> None:
@@ -266,7 +262,7 @@ class Study:
                 raise ValueError(f"{path.parent} holds results for another forget set named {name!r}; rename the "
                                  f"set's file, use another --out, or delete {path.parent}")
             return
-        checkpoint.atomic_write(path, lambda h: np.save(h, np.asarray(forget, np.int64)))
+        files.atomic_write(path, lambda h: np.save(h, np.asarray(forget, np.int64)))
 
     def prune(self, directory: Path) -> None:
         """Delete a finished stage's checkpoints unless --keep-checkpoints."""
@@ -289,43 +285,40 @@ class Study:
         """
         s = self.setup
         if read_only:
-            chunks = -(-s.ensemble // (s.chunk_size or s.ensemble))
-            done = [checkpoint.read_meta(p)["epoch"] for p in (self.out / "pretrain").glob("members-*.npz")]
-            if len(done) < chunks or min(done, default=0) < s.train.epochs:
+            done = ensemble.finished_epochs(self.out / "pretrain")
+            if not done or min(done) < s.train.epochs:
                 raise ValueError(f"pretraining in {self.out} has not finished; nothing to snapshot yet")
-        result = train.train_ensemble(s.model, s.train, s.images, s.labels, s.norm, seed=s.seed,
-                                      num_members=s.ensemble, chunk_size=s.chunk_size,
-                                      checkpoint_dir=self.out / "pretrain", mesh=s.mesh, progress=s.progress,
-                                      desc="pretrain", layout=s.layout)
-        margins_of = unlearn.margin_function(s.model, s.norm, np.concatenate([s.images, s.test_images]), self.eval_labels)
-        margins, correct = margins_of(result.states)
+        result = train.train_ensemble(s.model, s.train, s.images, s.labels, s.norm, s.options, num_members=s.ensemble,
+                                      checkpoint_dir=self.out / "pretrain", desc="pretrain")
+        margins, correct = train.margin_evaluator(s.model, s.norm, np.concatenate([s.images, s.test_images]),
+                                                  self.eval_labels, s.options)(result.states)
         test_accuracy = np.mean(correct[:, self.num_train:], axis=1)
         table = pd.DataFrame({"member": np.arange(s.ensemble), "model": s.model.name, "epochs": s.train.epochs,
                               "train_loss": result.metrics["loss"][-1], "test_accuracy": test_accuracy})
         if read_only:
             return result.states, margins, correct
-        checkpoint.atomic_write(self.out / "pretrain_accuracy.csv", lambda h: h.write(table.to_csv(index=False).encode()))
-        print(f"pretrained replicas: test accuracy mean {test_accuracy.mean():.4f}, min {test_accuracy.min():.4f}, "
+        files.atomic_write(self.out / "pretrain_accuracy.csv", lambda h: h.write(table.to_csv(index=False).encode()))
+        if ensemble.is_writer():
+            print(f"pretrained replicas: test accuracy mean {test_accuracy.mean():.4f}, min {test_accuracy.min():.4f}, "
               f"max {test_accuracy.max():.4f} (per member: {self.out / 'pretrain_accuracy.csv'})", flush=True)
         return result.states, margins, correct
 
     def oracles(self, name: str, forget: np.ndarray) -> dict[str, np.ndarray]:
         """2N oracles retrained without ``forget``: margins of all, target logits of N..2N-1 (cached)."""
         s = self.setup
-        path = self.out / "sets" / name / "oracles.npz"
-        if path.exists():
-            with np.load(path) as archive:
-                return dict(archive)
+        store, tag = ensemble.Store(self.out / "sets" / name), self.stage_tag(forget)
+        cached = store.load("oracles", tag)
+        if cached is not None:
+            return cached[0]
         positions = datamodels.positions_in_subset(s.subset, forget)
         work = self.out / "work" / name / "oracles"
         result = unlearn.unlearn(unlearn.RetrainConfig(train=s.train), s.model, None, s.images, s.labels, s.norm,
-                                 positions, seed=s.seed, num_members=2 * s.ensemble, test_images=s.test_images,
-                                 test_labels=s.test_labels, keep_variables=True, chunk_size=s.chunk_size,
-                                 checkpoint_dir=work, mesh=s.mesh, progress=s.progress)
+                                 positions, s.options, num_members=2 * s.ensemble, test_images=s.test_images,
+                                 test_labels=s.test_labels, keep_variables=True, checkpoint_dir=work)
         _, targets = unlearn.split_oracles(result.variables[s.train.epochs], s.ensemble)
         arrays = {"margins": result.margins[s.train.epochs], "correct": result.correct[s.train.epochs],
-                  "target_logits": unlearn.target_logits(s.model, targets, s.images, s.norm).astype(np.float32)}
-        checkpoint.atomic_write(path, lambda h: np.savez(h, **arrays))
+                  "target_logits": unlearn.target_logits(s.model, targets, s.images, s.norm, s.options).astype(np.float32)}
+        store.save("oracles", tag, arrays)
         self.prune(work)
         return arrays
 
@@ -354,26 +347,31 @@ class Study:
                 "device": self.device, "ensemble": self.setup.ensemble, "model": self.setup.model.name,
                 "dataset": self.setup.dataset, **extra}
 
-    def rows_path(self, name: str, run: grids.Run) -> Path:
-        """Where the rows of one grid run of forget set ``name`` are cached."""
+    def rows_entry(self, run: grids.Run) -> str:
+        """The store entry (under ``sets/SET``) of the rows of one grid run."""
         key = ensemble.fingerprint({"config": dataclasses.asdict(run.config), "snapshots": run.snapshot_epochs})
-        return self.out / "sets" / name / "rows" / f"{unlearn.get(run.config).name}-{key}.csv"
+        return f"rows/{unlearn.get(run.config).name}-{key}"
+
+    def stage_tag(self, forget: np.ndarray) -> str:
+        """The fingerprint of a forget set's cached stages: the study's configuration and the set."""
+        return ensemble.fingerprint({"study": self.setup.fingerprint_config(), "forget": ensemble.digest(forget)})
 
     def grid_run(self, name: str, forget: np.ndarray, run: grids.Run, pretrained: Any, targets: np.ndarray | None,
                  oracle_margins: np.ndarray) -> list[dict]:
         """Run one grid run (one config at its largest epoch count, snapshotted at the others); cached rows."""
         s = self.setup
         method = unlearn.get(run.config).name
-        path = self.rows_path(name, run)
-        if path.exists():
-            return pd.read_csv(path, keep_default_na=False, na_values=[""]).to_dict("records")
+        store, entry, tag = ensemble.Store(self.out / "sets" / name), self.rows_entry(run), self.stage_tag(forget)
+        cached = store.load(entry, tag)
+        if cached is not None:
+            return cached[1]["rows"]
         positions = self.positions(forget)
-        work = self.out / "work" / name / path.stem
+        work = self.out / "work" / name / Path(entry).name
         started = time.time()
         result = unlearn.unlearn(run.config, s.model, pretrained, s.images, s.labels, s.norm, positions["forget"],
-                                 seed=s.seed, snapshot_epochs=run.snapshot_epochs, test_images=s.test_images,
-                                 test_labels=s.test_labels, targets=targets, chunk_size=s.chunk_size,
-                                 checkpoint_dir=work, mesh=s.mesh, progress=False)
+                                 s.options.replace(progress=False), snapshot_epochs=run.snapshot_epochs,
+                                 test_images=s.test_images, test_labels=s.test_labels, targets=targets,
+                                 checkpoint_dir=work)
         wall = time.time() - started
         half = s.ensemble // 2
         rows = []
@@ -388,10 +386,10 @@ class Study:
                 diverged_fraction=float(diverged.mean()), diverged_fraction_a=float(diverged[:half].mean()),
                 diverged_epoch=int(result.diverged_epoch[diverged].min()) if diverged.any() else -1,
                 wall_time_s=wall))
-        table = pd.DataFrame(rows)
-        checkpoint.atomic_write(path, lambda h: h.write(table.to_csv(index=False).encode()))
+        rows = json.loads(json.dumps(rows))  # exactly as a resumed run reads them back
+        store.save(entry, tag, meta={"rows": rows})
         self.prune(work)
-        return pd.read_csv(path, keep_default_na=False, na_values=[""]).to_dict("records")  # as a resumed run reads it
+        return rows
 
     # ---- the whole study
 
@@ -410,11 +408,11 @@ class Study:
             return None
         dm = None
         if s.datamodel_matrix is not None:
-            dm = {"pretrained_logits": unlearn.target_logits(s.model, pretrained, s.images, s.norm)}
+            dm = {"pretrained_logits": unlearn.target_logits(s.model, pretrained, s.images, s.norm, s.options)}
         rows, oracles, runs = [], {}, []
         sets = dict(s.forget_sets)
         for name, forget in s.forget_sets.items():
-            if read_only and not (self.out / "sets" / name / "oracles.npz").exists():
+            if read_only and not ensemble.Store(self.out / "sets" / name).check("oracles", self.stage_tag(forget)):
                 del sets[name]
                 continue
             self.check_set(name, forget, read_only)
@@ -432,8 +430,10 @@ class Study:
             for name in sets:
                 runs += [(name, method, run) for run in grids.group_runs(grid_configs(method, s.grid, s.lr))]
         if read_only:
-            runs = [(name, method, run) for name, method, run in runs if self.rows_path(name, run).exists()]
-        bar = tqdm(runs, desc="unlearning runs", unit="run", disable=not s.progress, dynamic_ncols=True)
+            runs = [(name, method, run) for name, method, run in runs
+                    if ensemble.Store(self.out / "sets" / name).check(self.rows_entry(run), self.stage_tag(sets[name]))]
+        bar = tqdm(runs, desc="unlearning runs", unit="run", dynamic_ncols=True,
+                   disable=not s.options.progress or not ensemble.is_writer())
         for name, method, run in bar:
             bar.set_postfix_str(f"{name} {method} lr={run.config.lr:g}")
             targets = {"om": oracles[name].get("target_logits"), "dmm": (dm or {}).get(name)}.get(method)
@@ -450,9 +450,10 @@ def execute(setup: Setup, out: Path, *, pretrain_only: bool = False, snapshot: P
 
     With ``snapshot`` nothing is trained: what ``out`` has finished is tabulated into ``snapshot``.
     """
-    print(describe(setup) + (f"\n{extra_plan}" if extra_plan else ""), flush=True)
+    if ensemble.is_writer():
+        print(describe(setup) + (f"\n{extra_plan}" if extra_plan else ""), flush=True)
     table = Study(setup, out).run(pretrain_only=pretrain_only, snapshot=snapshot)
-    if table is None:
+    if table is None or not ensemble.is_writer():
         return 0
     if snapshot is not None:
         written = plots.render(snapshot)

@@ -1,6 +1,8 @@
-"""The benchmark scripts run end to end at tiny sizes on CPU and write complete JSON (no timing checks)."""
+"""The benchmark scripts run end to end at tiny sizes on CPU and write complete, consistent JSON (no timing checks)."""
 
 import json
+import math
+import os
 import subprocess
 import sys
 
@@ -9,25 +11,19 @@ import pytest
 
 from ascent_jax import models
 from benchmarks import __main__ as cpu_set
-from benchmarks import common, ensemble_throughput, klom_bench, resnet9_gpu
+from benchmarks import common, ensemble_throughput, gpu_check, klom_bench, sharded
 
 METADATA = {"command", "date", "device", "jax_version", "load_average_1min"}
-RESNET9_TINY = ["--members", "2", "--chunks", "2", "--steps", "1", "--batch-size", "4", "--image-size", "16",
-                "--loop-models", "1", "--repeats", "1", "--min-seconds", "0", "--matmul-size", "64",
-                "--train-size", "8", "--epochs", "1", "--no-torch"]
+GPU_CHECK_TINY = ["--model", "mlp", "--members", "3", "--steps", "1", "--batch-size", "4", "--image-size", "16",
+                  "--loop-models", "2", "--repeats", "1", "--min-seconds", "0", "--matmul-size", "64",
+                  "--train-size", "8", "--epochs", "2"]
+GPU_CHECK_CONTENDERS = ["torch_grouped", "torch_loop", "vmap", "shard_map_1_device", "loop", "map"]
 
 
 def _read(path):
     result = json.loads(path.read_text())
     assert METADATA <= result.keys()
     return result
-
-
-def _check_torch(entry, torch_used):
-    if torch_used:
-        assert entry["images_per_s"] > 0
-    else:
-        assert "skipped" in entry
 
 
 @pytest.fixture(scope="module")
@@ -41,16 +37,20 @@ def test_cpu_set_writes_throughput_json(cpu_results):
     out, returned = cpu_results
     result = _read(out / "ensemble_throughput.json")
     assert result["load_average_1min_start"] >= 0 and result["matmul_gflops_per_s"]["best"] > 0
-    assert result["load_average_1min"] >= 0
     (res,) = result["results"]
     assert res["architecture"] == "mlp" and res["batch_size"] == 16 and res["flops_per_model_step"] > 0
     for contender in ("vmap", "map", "loop"):
         entry = res[contender]["2"]
-        assert entry["images_per_s"] > 0 and entry["gflops_per_s"] > 0 and entry["matmul_fraction"] > 0
-        assert entry["compile_seconds"] > 0
+        assert entry["images_per_s"] > 0 and entry["gflops_per_s"] > 0 and entry["compile_seconds"] > 0
+        assert entry["images_per_s"] == pytest.approx(2 * res["points_per_timed_epoch"] / entry["seconds"])
+        assert entry["seconds"] == min(entry["seconds_samples"])
     assert set(res["probes"]) == {"steps", "model_steps"} and all(p["images_per_s"] > 0 for p in res["probes"].values())
-    _check_torch(res["torch"], common.torch_or_none() is not None)
-    assert {"vmap_vs_loop_by_K", "map_vs_loop_by_K"} <= result["targets"]["mlp_batch16"].keys()
+    if common.torch_or_none() is not None:
+        assert res["torch"]["images_per_s"] > 0 and res["torch"]["models_timed"] == 2
+    else:
+        assert res["torch"] == {"skipped": common.TORCH_MISSING}
+    ratios = result["targets"]["mlp_batch16"]["map_vs_loop_by_K"]
+    assert ratios["2"] == pytest.approx(res["map"]["2"]["images_per_s"] / res["loop"]["2"]["images_per_s"])
     assert returned["ensemble_throughput"]["results"][0]["map"][2]["images_per_s"] == res["map"]["2"]["images_per_s"]
 
 
@@ -69,17 +69,77 @@ def test_throughput_skips_torch_with_a_note(tmp_path, fashion_small, monkeypatch
     assert result["results"][0]["torch"] == {"skipped": common.TORCH_MISSING}
 
 
-def test_resnet9_gpu_runs_tiny_on_cpu(tmp_path):
-    path = tmp_path / "resnet9.json"
-    returned = resnet9_gpu.main([*RESNET9_TINY, "--output", str(path)])
+def test_gpu_check_runs_tiny_on_cpu(tmp_path):
+    path = tmp_path / "gpu_check.json"
+    returned = gpu_check.main([*GPU_CHECK_TINY, "--output", str(path)])
     result = _read(path)
+    assert returned["summary"] == result["summary"] and list(result["contenders"]) == GPU_CHECK_CONTENDERS
     assert result["data"].startswith("random") and "throughput only" in result["data"]
-    chunk = result["chunks"]["2"]
-    for field in ("step_seconds", "images_per_s", "tflops_per_s", "extrapolated_job_seconds", "temp_bytes"):
-        assert chunk[field] > 0
-    assert result["loop"]["step_seconds"] > 0 and result["flops_per_model_step"] > 0
-    assert result["torch"] == {"skipped": "skipped (--no-torch)"}
-    assert result["best_chunk"] == 2 and returned["summary"]["targets"]["job_le_10_minutes"] in (True, False)
+    assert result["job"] == {"members": 3, "epochs": 2, "train_size": 8, "steps_per_epoch": 2}
+    plan = result["plan"]
+    assert plan["bytes_per_member"] > 0 and plan["chunk_used"] == plan["chunk_size"] == 3 and plan["num_chunks"] == 1
+    torch_used = common.torch_or_none() is not None
+    for name, entry in result["contenders"].items():
+        if name.startswith("torch") and not torch_used:
+            assert entry == {"skipped": common.TORCH_MISSING}
+            continue
+        models_per_call = 3 if name in ("vmap", "shard_map_1_device", "torch_grouped") else 2
+        assert entry["models_per_call"] == models_per_call and entry["mfu"] == {}  # no CPU peak is known
+        assert entry["step_seconds"] == min(entry["seconds_samples"]) > 0  # one step per timed epoch
+        assert entry["images_per_s"] == pytest.approx(models_per_call * 4 / entry["step_seconds"])
+        assert entry["extrapolated_job_seconds"] == pytest.approx(
+            math.ceil(3 / models_per_call) * 2 * 2 * entry["step_seconds"])
+    assert result["contenders"]["vmap"]["temp_bytes"] > 0 and result["flops_per_model_step"] > 0
+    summary, timed = result["summary"], {n: e for n, e in result["contenders"].items() if "step_seconds" in e}
+    fastest = min(timed.values(), key=lambda e: e["extrapolated_job_seconds"])
+    assert timed[summary["fastest"]] == fastest
+    assert summary["targets"]["job_le_10_minutes"] is (summary["extrapolated_job_minutes"] <= 10)
+    assert summary["targets"]["mfu_ge_35pct"] is None
+    if torch_used:
+        loop_ratio = timed["torch_loop"]["extrapolated_job_seconds"] / fastest["extrapolated_job_seconds"]
+        assert summary["vs_torch_loop"] == pytest.approx(loop_ratio) and summary["vs_torch_loop"] >= 1
+        assert summary["targets"]["ge_5x_torch_loop"] is (loop_ratio >= 5)
+
+
+def test_gpu_check_stops_at_its_time_budget(tmp_path):
+    path = tmp_path / "gpu_check.json"
+    gpu_check.main([*GPU_CHECK_TINY, "--budget-seconds", "0", "--no-torch", "--output", str(path)])
+    result = _read(path)
+    assert result["plan"]["chunk_used"] == 3 and result["summary"] is None
+    assert all("time budget spent" in entry["skipped"] for entry in result["contenders"].values())
+    assert list(result["contenders"]) == GPU_CHECK_CONTENDERS
+
+
+def test_sharded_shard_map_has_no_collectives_and_splits_the_flops(tmp_path):
+    """4 forced host devices (a fresh process): shard_map does 1/4 of the work with no collective; GSPMD does not."""
+    path = tmp_path / "sharded.json"
+    env = {key: value for key, value in os.environ.items() if key != "JAX_PLATFORMS"}
+    # LLVM optimisation off: compiles 2-4x faster; the HLO, its collectives and its cost analysis are the same.
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+    run = subprocess.run([sys.executable, "-m", "benchmarks.sharded", "--models", "cnn,resnet9", "--timed", "cnn",
+                          "--members", "4", "--batch-size", "4", "--points", "4", "--repeats", "1",
+                          "--min-seconds", "0", "--output", str(path)], capture_output=True, text=True, timeout=600,
+                         env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = _read(path)
+    assert result["devices"] == 4 and result["device"].startswith("4 forced host devices")
+    for arch, res in result["results"].items():
+        contenders = res["contenders"]
+        shard_map, total = contenders["shard_map"], contenders["one_device"]["flops_per_device"]
+        assert set(shard_map["collectives"]) == set(common.COLLECTIVES)
+        assert sum(shard_map["collectives"].values()) == 0, (arch, shard_map["collectives"])
+        assert shard_map["flops_per_device"] == pytest.approx(total / 4, rel=0.01)
+        assert shard_map["flops_ratio"] == pytest.approx(1, rel=0.01)
+        assert shard_map["memory_per_device"]["argument_bytes"] > 0
+        assert ("images_per_s" in shard_map) is (arch == "cnn")
+    gspmd = result["results"]["resnet9"]["contenders"]["gspmd"]
+    assert gspmd["collectives"]["all-gather"] > 0 and gspmd["flops_ratio"] > 2  # replicated work: the bug it documents
+    assert all(entry["images_per_s"] > 0 for entry in result["results"]["cnn"]["contenders"].values())
+
+
+def test_sharded_refuses_a_single_device():
+    with pytest.raises(SystemExit, match="fresh process"):
+        sharded.main(["--models", "cnn", "--output", os.devnull])
 
 
 @pytest.mark.parametrize("name, shape", [("mlp", (28, 28, 1)), ("cnn", (28, 28, 1)), ("resnet9", (16, 16, 3))])
@@ -89,12 +149,29 @@ def test_torch_twins_match_the_jax_models(name, shape):
     import torch
 
     variables = jax.eval_shape(lambda key: models.build(name, 10).init(key, shape), jax.random.key(0))
-    twin = common.torch_model(name, in_channels=shape[-1])
+    twin = common.torch_model(name, in_channels=shape[-1], image_size=shape[0])
     assert sum(p.numel() for p in twin.parameters()) == models.count_params(variables)
     assert twin(torch.zeros(2, shape[2], *shape[:2])).shape == (2, 10)
 
 
-@pytest.mark.parametrize("script", [ensemble_throughput, resnet9_gpu, klom_bench, cpu_set])
+@pytest.mark.parametrize("name", ["cnn", "resnet9"])
+def test_grouped_torch_twin_is_independent_models(name):
+    """M grouped models hold M x the parameters, and model 0's loss moves none of model 1's."""
+    if common.torch_or_none() is None:
+        pytest.skip(common.TORCH_MISSING)
+    import torch
+
+    twin = common.torch_model(name, in_channels=3, image_size=16)
+    grouped = common.torch_grouped(twin, 2)
+    assert sum(p.numel() for p in grouped.parameters()) == 2 * sum(p.numel() for p in twin.parameters())
+    out = grouped(torch.randn(4, 6, 16, 16)).reshape(4, 2, 10)
+    out[:, 0].square().sum().backward()
+    for parameter in grouped.parameters():
+        first, second = parameter.grad.chunk(2)  # every leading axis is model-major
+        assert torch.count_nonzero(second) == 0 and torch.count_nonzero(first) > 0
+
+
+@pytest.mark.parametrize("script", [ensemble_throughput, gpu_check, sharded, klom_bench, cpu_set])
 def test_scripts_have_help(script, capsys):
     with pytest.raises(SystemExit) as exit_:
         script.main(["--help"])
@@ -107,6 +184,7 @@ def test_python_dash_m_benchmarks_entry_point():
 
 
 def test_known_peaks():
-    assert resnet9_gpu.bf16_peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
-    assert resnet9_gpu.bf16_peak_tflops("NVIDIA H100 PCIe") == 756.5
-    assert resnet9_gpu.bf16_peak_tflops("cpu") is None
+    assert gpu_check.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == {"bfloat16": 989.4}
+    assert gpu_check.peak_tflops("NVIDIA H200", "float32") == {"tf32": 494.7, "float32": 66.9}
+    assert gpu_check.peak_tflops("NVIDIA H100 PCIe", "bfloat16") == {"bfloat16": 756.5}
+    assert gpu_check.peak_tflops("cpu", "float32") == {}

@@ -145,21 +145,24 @@ def _kill_when(out: Path, pattern: str, timeout: float = 300) -> None:
     process.wait()
 
 
-@pytest.mark.parametrize("pattern", ["pretrain/members-*.npz", "sets/*/oracles.npz", "work/*/finetune-*/members-*.npz",
-                                     "sets/*/rows/*.csv"],
+@pytest.mark.parametrize("pattern", ["pretrain/members-*/1", "sets/*/oracles/meta", "work/*/finetune-*/members-*/1",
+                                     "sets/*/rows/*/meta"],
                          ids=["pretraining", "after-oracles", "unlearning", "after-rows"])
 def test_killed_run_resumes_to_the_same_table(tmp_path, uninterrupted, pattern):
     out = tmp_path / "run"
     _kill_when(out, pattern)
-    assert not (out / "results.parquet").exists() or pattern == "sets/*/rows/*.csv"
-    # what a kill in the middle of an atomic write leaves: a truncated temp file beside the target
-    half_written = [out / "pretrain" / ".members-0000-0001.npz.k1ll3d.tmp", out / ".results.parquet.k1ll3d.tmp"]
+    assert not (out / "results.parquet").exists() or pattern == "sets/*/rows/*/meta"
+    # what kills in the middle of writes leave: a truncated temp file beside a result file, a
+    # store entry's partial folder, an orbax checkpoint's temporary folder
+    half_written = [out / ".results.parquet.k1ll3d.tmp", out / "sets" / ".oracles.partial" / "meta",
+                    out / "pretrain" / "members-0000-0001" / "2.orbax-checkpoint-tmp-1234" / "state"]
     for path in half_written:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"PK\x03\x04 truncated")
     assert run_main(fashion.main, [*KILLABLE, "--out", str(out)]) == 0
     pd.testing.assert_frame_equal(stable(pd.read_parquet(out / "results.parquet")), stable(uninterrupted))
     assert not any(path.exists() for path in half_written)
+    assert not (out / "sets" / ".oracles.partial").exists()
 
 
 def test_run_dir_of_another_configuration_is_refused(smoke, capsys):

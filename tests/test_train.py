@@ -10,16 +10,17 @@ import optax
 import pytest
 from conftest import max_abs_diff
 
-from ascent_jax import batches, checkpoint, models, train
+from ascent_jax import batches, models, train
+from ascent_jax.ensemble import RunOptions, finished_epochs
 
 TINY = train.TrainConfig(epochs=2, batch_size=128, peak_lr=0.1)
 
 
-def fit(data, norm, *, config=TINY, **kwargs):
+def fit(data, norm, *, config=TINY, seed=0, chunk_size="auto", layout="auto", **kwargs):
     x, y = data[0], data[1]
     kwargs.setdefault("num_members", 1)
-    return train.train_ensemble(models.build("mlp", 10, hidden=(32,)), config, x, y, norm, seed=kwargs.pop("seed", 0),
-                                progress=False, **kwargs)
+    options = RunOptions(seed=seed, chunk_size=chunk_size, layout=layout, progress=False)
+    return train.train_ensemble(models.build("mlp", 10, hidden=(32,)), config, x, y, norm, options, **kwargs)
 
 
 def test_triangular_schedule_is_per_step_linear_interpolation():
@@ -141,7 +142,7 @@ def test_training_learns_and_predict_matches_apply(fashion_small, fashion_norm):
     assert result.metrics["loss"].shape == (6, 2)
     assert (result.metrics["loss"][-1] < 0.7 * result.metrics["loss"][0]).all()
     model = models.build("mlp", 10, hidden=(32,))
-    logits = train.predict(model, result.states, x_test, fashion_norm, batch_size=100)
+    logits = train.predict(model, result.states, x_test, fashion_norm, RunOptions(eval_batch_size=100))
     assert logits.shape == (2, len(x_test), 10)
     member = jax.tree_util.tree_map(lambda leaf: leaf[1], result.states)
     direct, _ = model.apply(member, batches.normalize(jnp.asarray(x_test), *fashion_norm), False)
@@ -162,8 +163,8 @@ def test_checkpoint_resume_and_refusal(tmp_path, fashion_small, fashion_norm):
     with pytest.raises(ValueError, match="was written by a different configuration"):
         fit(fashion_small, fashion_norm, num_members=2, checkpoint_dir=tmp_path / "b")
     # A finished checkpoint is reused without training again, and gives identical states.
-    path = tmp_path / "a" / "members-0000-0001.npz"
-    assert checkpoint.read_meta(path)["epoch"] == 2
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["members-0000-0001"]
+    assert finished_epochs(tmp_path / "a") == [2]
     again = fit(fashion_small, fashion_norm, num_members=2, checkpoint_dir=tmp_path / "a")
     chex.assert_trees_all_equal(full.states, again.states)
 

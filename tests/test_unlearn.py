@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ascent_jax import batches, checkpoint, klom, models, train, unlearn
+from ascent_jax import batches, ensemble, klom, models, train, unlearn
+from ascent_jax.ensemble import RunOptions
 from ascent_jax.models import Model, layers
 from ascent_jax.unlearn import base, grids, matching, scrub
 
@@ -64,8 +65,8 @@ def setup(fashion_small, fashion_norm):
     retain = batches.retain_indices(NUM_TRAIN, forget)
     subset = np.sort(np.concatenate([forget, retain[20:]]))
     model = models.build("mlp", 10, hidden=(32,))
-    pretrained = train.train_ensemble(model, PRETRAIN, x, y, fashion_norm, seed=0, num_members=K,
-                                      subsets=np.broadcast_to(subset, (K, len(subset))), progress=False).states
+    pretrained = train.train_ensemble(model, PRETRAIN, x, y, fashion_norm, RunOptions(progress=False), num_members=K,
+                                      subsets=np.broadcast_to(subset, (K, len(subset)))).states
     targets = 5.0 * np.stack([np.eye(10, dtype=np.float32)[(y + i + 1) % 10] for i in range(K)])
     return Setup(model, fashion_norm, x, y, x_test, y_test, forget, retain, pretrained, targets)
 
@@ -76,11 +77,12 @@ def standard(setup):
     return functools.cache(lambda name: run(setup, CONFIGS[name], **setup.inputs(name)))
 
 
-def run(setup, config, *, pretrained=None, **options):
-    options.setdefault("snapshot_epochs", range(1, config.epochs + 1))
+def run(setup, config, *, pretrained=None, chunk_size="auto", **inputs):
+    inputs.setdefault("snapshot_epochs", range(1, config.epochs + 1))
     return unlearn.unlearn(config, setup.model, setup.pretrained if pretrained is None else pretrained,
-                           setup.x, setup.y, setup.norm, setup.forget, seed=SEED, test_images=setup.x_test,
-                           test_labels=setup.y_test, keep_variables=True, progress=False, **options)
+                           setup.x, setup.y, setup.norm, setup.forget,
+                           RunOptions(seed=SEED, progress=False, chunk_size=chunk_size), test_images=setup.x_test,
+                           test_labels=setup.y_test, keep_variables=True, **inputs)
 
 
 def take(tree, rows):
@@ -132,7 +134,7 @@ def test_registry_finds_every_method_by_name_and_config():
 def test_driver_rejects_bad_inputs(setup):
     ga, om = CONFIGS["ga"], CONFIGS["om"]
     call = functools.partial(unlearn.unlearn, model=setup.model, images=setup.x, labels=setup.y, norm=setup.norm,
-                             seed=0, progress=False)
+                             options=RunOptions(progress=False))
     with pytest.raises(ValueError, match="duplicates"):
         call(ga, pretrained=setup.pretrained, forget=np.array([1, 1]))
     with pytest.raises(ValueError, match="must lie in"):
@@ -293,8 +295,8 @@ def test_oracle_matching_samples_a_fresh_retain_subset_each_epoch(setup):
 def test_retraining_equals_training_on_the_retain_set(setup, standard):
     result = standard("retrain")
     expected = train.train_ensemble(setup.model, PRETRAIN, setup.x, setup.y, setup.norm,
-                                    seed=unlearn.derived_seed(SEED, "retrain"), num_members=K,
-                                    subsets=np.broadcast_to(setup.retain, (K, len(setup.retain))), progress=False)
+                                    RunOptions(seed=unlearn.derived_seed(SEED, "retrain"), progress=False),
+                                    num_members=K, subsets=np.broadcast_to(setup.retain, (K, len(setup.retain))))
     chex.assert_trees_all_close(result.variables[3], expected.states, rtol=1e-5, atol=1e-6)
     assert unlearn.derived_seed(SEED, "retrain") != SEED
     # Partial retraining: the snapshot after k epochs is the model after k epochs of the same schedule.
@@ -322,20 +324,22 @@ def test_a_shorter_run_equals_the_snapshot_of_a_longer_one(setup, standard):
 
 
 def test_interrupted_run_resumes_with_its_earlier_snapshots(setup, standard, tmp_path, monkeypatch):
-    save = checkpoint.save
     epochs_saved = []
+    real_run = ensemble.run
 
-    def save_then_crash(path, tree, meta=None):
-        save(path, tree, meta)
-        if path.name.startswith("members-"):
-            epochs_saved.append(meta["epoch"])
-            if meta["epoch"] == 2:
+    def crash_after_epoch_2(*args, on_epoch, **kwargs):
+        def then_crash(members, epoch, states, metrics):
+            on_epoch(members, epoch, states, metrics)  # the snapshot is taken and saved
+            epochs_saved.append(epoch)
+            if epoch == 2:
                 raise KeyboardInterrupt("simulated crash after epoch 2")
+        return real_run(*args, on_epoch=then_crash, **kwargs)
 
-    monkeypatch.setattr(checkpoint, "save", save_then_crash)
+    monkeypatch.setattr(ensemble, "run", crash_after_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         run(setup, CONFIGS["ga"], checkpoint_dir=tmp_path)
-    monkeypatch.setattr(checkpoint, "save", save)
+    monkeypatch.undo()
+    assert ensemble.finished_epochs(tmp_path) == [1]  # epoch 2's snapshot was saved, its checkpoint not
     resumed = run(setup, CONFIGS["ga"], checkpoint_dir=tmp_path)
     finished = run(setup, CONFIGS["ga"], checkpoint_dir=tmp_path)  # everything read back from disk
     expected = standard("ga")
@@ -352,7 +356,7 @@ def test_divergence_is_data_and_never_stops_a_grid(setup, standard):
     exploding = unlearn.GradientAscentConfig(lr=1e30, epochs=2)
     configs = [dataclasses.replace(exploding, epochs=1), exploding, CONFIGS["ga"]]
     results = grids.sweep(configs, setup.model, setup.pretrained, setup.x, setup.y, setup.norm, setup.forget,
-                          seed=SEED, progress=False)
+                          RunOptions(seed=SEED, progress=False))
     assert [r.config for r in results] == configs
     blown = results[1]
     assert blown.diverged.all() and (blown.diverged_epoch >= 1).all()
@@ -397,8 +401,8 @@ def test_batch_norm_train_mode_for_updates_eval_mode_for_margins_and_teacher(set
     pretrained = jax.device_get(jax.jit(jax.vmap(lambda k: model.init(k, (28, 28, 1))))(keys))
     teacher = jax.tree_util.tree_map(np.copy, pretrained)
     config = unlearn.ScrubConfig(lr=1e-2, epochs=2, ascent_epochs=1)
-    result = unlearn.unlearn(config, model, pretrained, setup.x, setup.y, setup.norm, setup.forget, seed=0,
-                             keep_variables=True, progress=False)
+    result = unlearn.unlearn(config, model, pretrained, setup.x, setup.y, setup.norm, setup.forget,
+                             RunOptions(progress=False), keep_variables=True)
     student = result.variables[2]
     chex.assert_trees_all_equal(pretrained, teacher)
     # Running averages moved: updates ran in train mode (the initial mean is 0, the data's is not).

@@ -20,7 +20,6 @@ from ascent_jax.unlearn.base import (
     gradient_step,
     learning_rate,
     make,
-    margin_function,
     names,
     register,
     relative_cost,
@@ -47,6 +46,6 @@ __all__ = [
     "DatamodelMatchingConfig", "DoNothingConfig", "FineTuneConfig", "GradientAscentConfig", "GradientDescentAscentConfig", "MemberInput",
     "Method", "MethodConfig", "OracleMatchingConfig", "RetrainConfig", "ScrubConfig", "UnlearnData",
     "UnlearnResult", "all_finite", "ascent_pass", "datamodel_targets", "derived_seed", "descent_pass", "get", "gradient_step", "grids",
-    "learning_rate", "make", "margin_function", "names", "register", "relative_cost", "run_pass", "set_learning_rate", "sgd",
+    "learning_rate", "make", "names", "register", "relative_cost", "run_pass", "set_learning_rate", "sgd",
     "single_model", "split_indices", "split_oracles", "stream_key", "target_logits", "unlearn",
 ]

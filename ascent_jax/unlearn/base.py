@@ -8,8 +8,8 @@ ONE model, registered by name::
 ``state`` is a :class:`ascent_jax.train.TrainState`; ``data`` an :class:`UnlearnData` (the
 training set on device, the forget and retain indices, this replica's pretrained variables and
 targets); ``key`` the replica's PRNG key; ``metrics`` a dict of scalars. :func:`unlearn` hands
-the function to :func:`ascent_jax.ensemble.run`, which vmaps it over replicas, jits it once,
-chunks, shards and checkpoints, and takes margin snapshots at a list of epoch counts.
+the function to the ensemble engine (:func:`ascent_jax.ensemble.run`), which runs it over
+replicas, chunks, shards and checkpoints, and takes margin snapshots at a list of epoch counts.
 
 Conventions shared by every built-in method:
 
@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ascent_jax import batches, checkpoint, ensemble, klom, train
+from ascent_jax import batches, ensemble, train
 from ascent_jax.models import Model
 
 # Stream ids folded into a replica's key, one per source of randomness, so streams never share
@@ -330,12 +330,6 @@ def _num_members(tree: Any) -> int:
     return sizes.pop()
 
 
-def _tree_digest(tree: Any) -> str | None:
-    if tree is None:
-        return None
-    return ensemble.fingerprint([ensemble.digest(np.asarray(leaf)) for leaf in jax.tree_util.tree_leaves(tree)])
-
-
 def split_indices(forget: Any, num_points: int) -> tuple[np.ndarray, np.ndarray]:
     """Validated ``(forget, retain)`` int32 index arrays of a training set of ``num_points``."""
     forget = np.asarray(forget)
@@ -380,48 +374,11 @@ def single_model(config: Any, model: Model, norm: train.Normalization, input_sha
     return init, epoch
 
 
-@functools.cache
-def _margin_program(model: Model, norm: train.Normalization, num_points: int):
-    @jax.jit
-    def compute(variables, x, y):
-        def one_member(member_variables):
-            def one_batch(batch):
-                logits, _ = model.apply(member_variables, batches.normalize(batch[0], norm.mean, norm.std), False)
-                correct = (jnp.argmax(logits, -1) == batch[1]) & jnp.all(jnp.isfinite(logits), -1)
-                return klom.margins(logits, batch[1]), correct
-
-            margins, correct = jax.lax.map(one_batch, (x, y))
-            return margins.reshape(-1)[:num_points], correct.reshape(-1)[:num_points]
-
-        return jax.lax.map(one_member, variables)
-
-    return compute
-
-
-def margin_function(model: Model, norm: train.Normalization, images: np.ndarray, labels: np.ndarray,
-                    batch_size: int = 1024) -> Callable[[Any], tuple[np.ndarray, np.ndarray]]:
-    """``stacked variables -> (margins (K, n), correct (K, n) bool)`` in eval mode, one replica and
-    ``batch_size`` images at a time. ``correct``: argmax is the label and the logits are finite.
-
-    The images go to the device once; the program is compiled once per model and shape.
-    """
-    n = len(images)
-    size = min(batch_size, n)
-    steps = -(-n // size)
-    pad = steps * size - n
-    shape = images.shape[1:]
-    x = np.concatenate([images, np.zeros((pad, *shape), images.dtype)]).reshape(steps, size, *shape)
-    y = np.concatenate([labels, np.zeros(pad, labels.dtype)]).reshape(steps, size)
-    x, y = jnp.asarray(x), jnp.asarray(y, jnp.int32)
-    compute = _margin_program(model, norm, n)
-    return lambda variables: tuple(map(np.asarray, compute(variables, x, y)))
-
-
 class _Snapshots:
     """Margins, correctness (and optionally variables) of every replica at every snapshot epoch.
 
-    Each (chunk, epoch) snapshot is also written to ``directory/snapshots`` when checkpointing,
-    so snapshots taken before an interruption are read back after the resume.
+    Each (chunk, epoch) snapshot is also saved in the store ``directory/snapshots`` when
+    checkpointing, so snapshots taken before an interruption are read back after the resume.
     """
 
     def __init__(self, epochs, num_members, first_member, num_eval, keep_variables, directory, tag):
@@ -429,10 +386,12 @@ class _Snapshots:
         self.correct = {e: np.zeros((num_members, num_eval), bool) for e in epochs}
         self.filled = {e: np.zeros(num_members, bool) for e in epochs}
         self.variables = {e: [None] * num_members for e in epochs} if keep_variables else None
-        self.first_member, self.num_eval, self.directory, self.tag = first_member, num_eval, directory, tag
+        self.first_member, self.num_eval, self.tag = first_member, num_eval, tag
+        self.store = None if directory is None else ensemble.Store(directory / "snapshots")
 
-    def _path(self, epoch, members):
-        return self.directory / "snapshots" / f"epoch-{epoch:04d}-members-{members[0]:04d}-{members[-1]:04d}.npz"
+    @staticmethod
+    def _name(epoch, members):
+        return f"epoch-{epoch:04d}-members-{members[0]:04d}-{members[-1]:04d}"
 
     def _store(self, epoch, members, snapshot):
         rows = np.asarray(members) - self.first_member
@@ -444,36 +403,34 @@ class _Snapshots:
                 self.variables[epoch][row] = jax.tree_util.tree_map(lambda leaf: np.asarray(leaf[position]),
                                                                     snapshot["variables"])
 
-    def take(self, epoch, members, variables, margins_of):
-        margins, correct = margins_of(variables)
-        snapshot = {"margins": margins, "correct": correct}
+    def take(self, epoch, members, variables, evaluator: ensemble.Evaluator):
+        """Evaluate the chunk's ``variables`` (on the devices, padding members included)."""
+        real = len(members)
+        margins, correct = evaluator.on_devices(variables)
+        snapshot = {"margins": margins[:real], "correct": correct[:real]}
         if self.variables is not None:
-            snapshot["variables"] = jax.device_get(variables)
+            snapshot["variables"] = jax.tree_util.tree_map(lambda leaf: leaf[:real], ensemble.gather(variables))
         self._store(epoch, members, snapshot)
-        if self.directory is not None:
-            checkpoint.save(self._path(epoch, members), snapshot,
-                            {"fingerprint": self.tag, "members": [int(members[0]), int(members[-1])]})
+        if self.store is not None:
+            self.store.save(self._name(epoch, members), self.tag, snapshot,
+                            {"members": [int(members[0]), int(members[-1])], "epoch": epoch})
 
-    def complete(self, final_variables):
+    def complete(self):
         """Read back the snapshots this process did not take; raise if any is missing."""
         for epoch, filled in self.filled.items():
-            if not filled.all() and self.directory is not None:
-                for path in sorted((self.directory / "snapshots").glob(f"epoch-{epoch:04d}-*.npz")):
-                    meta = checkpoint.read_meta(path)
-                    members = np.arange(meta["members"][0], meta["members"][1] + 1)
-                    rows = members - self.first_member
-                    if meta.get("fingerprint") != self.tag or rows.min() < 0 or rows.max() >= len(filled) \
-                            or filled[rows].all():
+            if not filled.all() and self.store is not None and self.store.root.exists():
+                for path in sorted(self.store.root.glob(f"epoch-{epoch:04d}-members-*")):
+                    meta = self.store.meta(path.name)
+                    if meta is None or meta.get("fingerprint") != self.tag:
                         continue
-                    like = {"margins": np.zeros((len(members), self.num_eval), np.float32),
-                            "correct": np.zeros((len(members), self.num_eval), bool)}
-                    if self.variables is not None:
-                        like["variables"] = jax.tree_util.tree_map(lambda leaf: leaf[rows], final_variables)
-                    self._store(epoch, members, checkpoint.load(path, like)[0])
+                    rows = np.arange(meta["members"][0], meta["members"][1] + 1) - self.first_member
+                    if rows.min() < 0 or rows.max() >= len(filled) or filled[rows].all():
+                        continue
+                    self._store(epoch, rows + self.first_member, self.store.load(path.name, self.tag)[0])
             if not filled.all():
                 missing = (np.flatnonzero(~filled) + self.first_member).tolist()
                 raise ValueError(f"the snapshot after epoch {epoch} of replicas {missing} is missing from "
-                                 f"{self.directory}; delete that directory to start fresh")
+                                 f"{self.store.root if self.store else 'this run'}; delete that directory to start fresh")
         if self.variables is None:
             return None
         return {e: jax.tree_util.tree_map(lambda *rows: np.stack(rows), *rows) for e, rows in self.variables.items()}
@@ -487,8 +444,8 @@ def unlearn(
     labels: np.ndarray,
     norm: train.Normalization,
     forget: np.ndarray,
+    options: ensemble.RunOptions = ensemble.RunOptions(),
     *,
-    seed: int,
     snapshot_epochs: Iterable[int] | None = None,
     test_images: np.ndarray | None = None,
     test_labels: np.ndarray | None = None,
@@ -496,11 +453,7 @@ def unlearn(
     num_members: int | None = None,
     first_member: int = 0,
     keep_variables: bool = False,
-    chunk_size: int | None = None,
     checkpoint_dir: str | Path | None = None,
-    mesh: jax.sharding.Mesh | None = None,
-    eval_batch_size: int = 1024,
-    progress: bool = True,
 ) -> UnlearnResult:
     """Run method ``config`` on every replica and return margin snapshots; see the module doc.
 
@@ -509,10 +462,10 @@ def unlearn(
     taken after each epoch count in ``snapshot_epochs`` (default: the last) on the training
     images followed by ``test_images``, so one run serves every epoch count of a grid.
     ``targets`` ``(K, n_train, C)``: replica i's target logits (oracle matching).
-    Replica i is ensemble member ``first_member + i`` with key ``fold_in(key(seed), member)``
-    (``from_scratch`` methods: ``derived_seed(seed, name)``), so a replica's result does not
-    depend on K or the chunking. ``num_members`` is needed only without ``pretrained``
-    (retraining). ``checkpoint_dir``: per-epoch checkpoints and snapshots; rerunning resumes.
+    Replica i is ensemble member ``first_member + i`` with key ``fold_in(key(options.seed), member)``
+    (``from_scratch`` methods: ``derived_seed(options.seed, name)``), so a replica's result does
+    not depend on K, the chunking or the devices. ``num_members`` is needed only without
+    ``pretrained`` (retraining). ``checkpoint_dir``: checkpoints and snapshots; rerunning resumes.
     """
     method = get(config)
     try:
@@ -561,32 +514,30 @@ def unlearn(
 
     forget, retain = split_indices(forget, len(images))
     init, epoch = single_model(config, model, norm, tuple(images.shape[1:]), len(forget), len(retain))
-    shared = tuple(jnp.asarray(a) for a in (images, labels, forget, retain))
-    run_seed = derived_seed(seed, method.name) if method.from_scratch else seed
+    run_options = options.replace(seed=derived_seed(options.seed, method.name)) if method.from_scratch else options
     run_config = {
         "method": method.name, "config": dataclasses.asdict(config), "model": model.name, "norm": norm._asdict(),
         "data": [list(images.shape), ensemble.digest(images), ensemble.digest(labels)],
-        "forget": ensemble.digest(forget), "pretrained": _tree_digest(pretrained),
+        "forget": ensemble.digest(forget), "pretrained": ensemble.tree_digest(pretrained),
         "targets": None if targets is None else ensemble.digest(targets),
         "eval": [ensemble.digest(eval_images), ensemble.digest(eval_labels)],
         "snapshots": snapshots, "keep_variables": keep_variables,
     }
     directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    tag = ensemble.fingerprint({"config": run_config, "seed": run_seed, "epochs": epochs, "first": first_member})
+    tag = ensemble.fingerprint({"config": run_config, "seed": run_options.seed, "epochs": epochs, "first": first_member})
     store = _Snapshots(snapshots, num_members, first_member, len(eval_images), keep_variables, directory, tag)
-    margins_of = margin_function(model, norm, eval_images, eval_labels, eval_batch_size)
+    evaluator = train.margin_evaluator(model, norm, eval_images, eval_labels, options)
 
     def on_epoch(members, epoch_done, states, _metrics):
         if epoch_done in store.margins:
-            store.take(epoch_done, members, states.variables, margins_of)
+            store.take(epoch_done, members, states.variables, evaluator)
 
     result = ensemble.run(
-        init, epoch, seed=run_seed, num_members=num_members, first_member=first_member, epochs=epochs,
-        shared=shared, member_inputs=MemberInput(pretrained, targets), chunk_size=chunk_size,
-        checkpoint_dir=directory, config=run_config, on_epoch=on_epoch, mesh=mesh, desc=method.name,
-        progress=progress,
+        init, epoch, run_options, num_members=num_members, first_member=first_member, epochs=epochs,
+        shared=(images, labels, forget, retain), member_inputs=MemberInput(pretrained, targets),
+        checkpoint_dir=directory, config=run_config, on_epoch=on_epoch, desc=method.name,
     )
-    variables = store.complete(result.states.variables)
+    variables = store.complete()
     nonfinite = np.asarray(result.metrics["nonfinite"], bool)
     diverged = nonfinite.any(axis=0)
     diverged_epoch = np.where(diverged, nonfinite.argmax(axis=0) + 1, -1)

@@ -91,12 +91,13 @@ class ConfigResult(NamedTuple):
     diverged_epoch: np.ndarray
 
 
-def sweep(configs: list, model, pretrained, images, labels, norm, forget, *, seed: int,
-          checkpoint_dir: str | Path | None = None, **options: Any) -> list[ConfigResult]:
+def sweep(configs: list, model, pretrained, images, labels, norm, forget,
+          options: ensemble.RunOptions = ensemble.RunOptions(), *, checkpoint_dir: str | Path | None = None,
+          **inputs: Any) -> list[ConfigResult]:
     """Run every config (grouped by :func:`group_runs`); one result per config, in input order.
 
-    ``options`` go to :func:`ascent_jax.unlearn.unlearn` (test set, targets, chunking, ...);
-    each run checkpoints under ``checkpoint_dir/<method>-<hash of its config>``.
+    ``inputs`` go to :func:`ascent_jax.unlearn.unlearn` (test set, targets, ...); each run
+    checkpoints under ``checkpoint_dir/<method>-<hash of its config>``.
     """
     outcomes = {}
     for run in group_runs(configs):
@@ -104,8 +105,8 @@ def sweep(configs: list, model, pretrained, images, labels, norm, forget, *, see
         directory = None
         if checkpoint_dir is not None:
             directory = Path(checkpoint_dir) / f"{name}-{ensemble.fingerprint(dataclasses.asdict(run.config))}"
-        result = base.unlearn(run.config, model, pretrained, images, labels, norm, forget, seed=seed,
-                              snapshot_epochs=run.snapshot_epochs, checkpoint_dir=directory, **options)
+        result = base.unlearn(run.config, model, pretrained, images, labels, norm, forget, options,
+                              snapshot_epochs=run.snapshot_epochs, checkpoint_dir=directory, **inputs)
         for epochs in run.snapshot_epochs:
             config = dataclasses.replace(run.config, epochs=epochs)
             outcomes[config] = ConfigResult(config, result.margins[epochs], result.diverged_by(epochs),

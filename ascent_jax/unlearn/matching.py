@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.special
 
-from ascent_jax import train
+from ascent_jax import ensemble, train
 from ascent_jax.models import Model
 from ascent_jax.unlearn import base
 
@@ -67,9 +67,10 @@ def oracle_matching_epoch(state, data, key, epoch_index, cfg: OracleMatchingConf
     return state, {"matching_loss": loss}
 
 
-def target_logits(model: Model, variables: Any, images: np.ndarray, norm: train.Normalization) -> np.ndarray:
+def target_logits(model: Model, variables: Any, images: np.ndarray, norm: train.Normalization,
+                  options: ensemble.RunOptions = ensemble.RunOptions()) -> np.ndarray:
     """Eval-mode logits ``(K, n, C)`` of target models on the training images, OM's ``targets``."""
-    return train.predict(model, variables, images, norm)
+    return train.predict(model, variables, images, norm, options)
 
 
 def split_oracles(variables: Any, num_eval: int) -> tuple[Any, Any]:
