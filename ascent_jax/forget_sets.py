@@ -307,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     check_writable(out)
     if args.imports:
         return _import_sets(args, out)
+    options = run_options(args, args.seed)  # first: a distributed run is joined before JAX starts
     info = data.get_info(args.dataset)
     images_all, labels_all = data.load(args.dataset, "train", args.data_dir)
     recipes = default_recipes(args.random_sizes, args.top_sizes, args.split_size, args.pcs)
@@ -320,7 +321,6 @@ def main(argv: list[str] | None = None) -> int:
     if fit_models < 2:
         raise ValueError(f"--models {args.models} leaves {fit_models} models to fit after holding out 2 x {held}; "
                          "use at least 8 models")
-    options = run_options(args, args.seed)
     images, labels = images_all[subset], labels_all[subset]
     norm = train.Normalization(info.mean, info.std)
     model = models.build(args.model, info.num_classes)

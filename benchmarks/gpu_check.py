@@ -17,6 +17,7 @@ extrapolated from its best step time (a last partial chunk counts as full). In o
 * ``torch_loop`` -- a plain PyTorch per-model loop (both: ``bench`` extra, channels-last, cuDNN
   autotuning, bf16 autocast only with ``--dtype bfloat16``);
 * ``vmap`` -- the engine's vmapped epoch for one chunk (what :func:`ascent_jax.ensemble.run` runs);
+  this and the grouped contenders halve their size after running out of memory (recorded);
 * ``shard_map_1_device`` -- the same under ``shard_map`` on a mesh of this one device;
 * ``loop`` -- the single-model epoch jitted once and called per model;
 * ``map`` -- the engine's ``lax.map`` layout (one model after another inside one program).
@@ -71,6 +72,19 @@ def _is_out_of_memory(error: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
+def _fitting(run: Callable[[int], dict], k: int) -> dict:
+    """``run(k)``, halving ``k`` after each out-of-memory error (the sizes that failed are recorded)."""
+    failed = []
+    while True:
+        try:
+            return {**run(k), "out_of_memory_at": failed}
+        except Exception as error:  # noqa: BLE001 -- only out of memory is retried
+            if not _is_out_of_memory(error) or k == 1:
+                raise
+        failed.append(k)
+        k //= 2
+
+
 def _peak_bytes() -> int | None:
     stats = jax.devices()[0].memory_stats()
     return None if not stats else stats.get("peak_bytes_in_use")
@@ -86,6 +100,7 @@ class Bench:
         rng = np.random.default_rng(SEED)
         self.images = rng.integers(0, 256, (self.points, *self.shape), dtype=np.uint8)
         self.labels = rng.integers(0, 10, self.points).astype(np.int32)
+        self.shared = jax.device_put((self.images, self.labels))
         self.model = models.build(args.model, 10, dtype=args.dtype)
         self.config = train.TrainConfig(batch_size=args.batch_size, epochs=args.epochs)
         self.epoch = train.make_epoch(self.model, self.config, CIFAR_NORM, self.points)
@@ -95,7 +110,7 @@ class Bench:
         self.initial = None
         one = jax.eval_shape(self.init, jax.random.key(SEED), None)
         self.loop_epoch, self.loop_compile_s = common.compile_timed(
-            jax.jit(self.epoch, donate_argnums=0), one, (self.images, self.labels), np.arange(self.points, dtype=np.int32),
+            jax.jit(self.epoch, donate_argnums=0), one, self.shared, np.arange(self.points, dtype=np.int32),
             jax.random.key(SEED), jnp.int32(0))
         self.step_flops = common.cost_flops(self.loop_epoch)
 
@@ -133,7 +148,7 @@ class Bench:
         _, epoch_chunk = ensemble.training_programs(self.init, self.epoch, layout, mesh)
         states = ensemble.place(jax.tree_util.tree_map(lambda leaf: leaf[:k], self.initial), options, split=True)
         rest = (*ensemble.place((self._subsets(k), np.arange(k, dtype=np.uint32)), options, split=True),
-                *ensemble.place(((self.images, self.labels), self.base), options, split=False))
+                *ensemble.place((self.shared, self.base), options, split=False))
         compiled, compile_s = common.compile_timed(epoch_chunk, states, *rest, jnp.int32(0))
         seconds = common.measure(common.Stepper(compiled, [states], [rest]), self.args.repeats, self.args.min_seconds)
         return {**self.rates(seconds, k), "compile_seconds": compile_s, **common.memory(compiled),
@@ -142,12 +157,12 @@ class Bench:
     def loop(self, k: int) -> dict:
         """The jitted single-model epoch called for each of ``k`` models from Python."""
         states = [jax.tree_util.tree_map(lambda leaf, i=i: jnp.array(leaf[i]), self.initial) for i in range(k)]
-        rest = [((self.images, self.labels), self._subsets(k)[i], jax.random.fold_in(jax.random.key(SEED), i))
+        rest = [(self.shared, jnp.arange(self.points, dtype=jnp.int32), jax.random.fold_in(jax.random.key(SEED), i))
                 for i in range(k)]
         seconds = common.measure(common.Stepper(self.loop_epoch, states, rest), self.args.repeats, self.args.min_seconds)
         return {**self.rates(seconds, k), "compile_seconds": self.loop_compile_s, "peak_bytes_in_use": _peak_bytes()}
 
-    def torch(self, torch, k: int, grouped: bool) -> dict:
+    def torch(self, torch, k: int, *, grouped: bool) -> dict:
         """PyTorch: ``k`` models one after another, or all ``k`` as one grouped network."""
         cuda = torch.cuda.is_available()
         run = functools.partial(common.torch_train_models, self.args.model, self.images, self.labels, models=k,
@@ -217,7 +232,7 @@ def _torch_note(torch, args) -> str | None:
     return None
 
 
-def main(argv=None) -> dict:
+def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--members", type=int, default=100, help="ensemble size of the extrapolated job")
@@ -238,8 +253,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--budget-seconds", type=float, default=420, help="start no contender after this many seconds")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch contenders")
     parser.add_argument("--output", type=Path, default=common.RESULTS / "gpu_check.json")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv=None) -> dict:
+    args = parse(argv)
     torch = None if args.no_torch else common.torch_or_none()
     torch_note = _torch_note(torch, args)
     kind = jax.devices()[0].device_kind
@@ -271,9 +289,12 @@ def main(argv=None) -> dict:
     record.save()
     bench.prepare(max(chunk, args.loop_models))
     for name, grouped, k in (("torch_grouped", True, args.grouped_models or chunk), ("torch_loop", False, args.loop_models)):
-        record.run(name, (lambda: {"skipped": torch_note}) if torch_note else functools.partial(bench.torch, torch, k, grouped))
-    record.run("vmap", lambda: bench.ensemble("vmap", chunk))
-    record.run("shard_map_1_device", lambda: bench.ensemble("vmap", chunk, ensemble.device_mesh(jax.devices()[:1])))
+        record.run(name, (lambda: {"skipped": torch_note}) if torch_note
+                   else functools.partial(_fitting, functools.partial(bench.torch, torch, grouped=grouped), k))
+    record.run("vmap", lambda: _fitting(functools.partial(bench.ensemble, "vmap"), chunk))
+    fitted = result["contenders"]["vmap"].get("models_per_call", chunk)
+    one_device = ensemble.device_mesh(jax.devices()[:1])
+    record.run("shard_map_1_device", lambda: _fitting(lambda k: bench.ensemble("vmap", k, one_device), fitted))
     record.run("loop", lambda: bench.loop(args.loop_models))
     record.run("map", lambda: bench.ensemble("map", args.loop_models))
     _print(result)

@@ -93,6 +93,7 @@ def bench_model(arch: str, args, mesh) -> dict:
     for name, (jitted, sharding, rest, expected) in programs.items():
         entry, compiled = _contender(jitted, (_abstract(states, sharding), *rest, jnp.int32(0)), expected)
         out["contenders"][name] = entry
+        print(f"{arch} {name}: compiled in {entry['compile_seconds']:.1f} s", flush=True)
         if arch in args.timed.split(","):
             runners[name] = _runner(compiled, states, (subsets, ids, shared, base), None if sharding is None else mesh)
     samples = common.interleaved(runners, args.repeats, args.min_seconds)

@@ -49,6 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def build_setup(args: argparse.Namespace) -> study.Setup:
     """Validate every flag and load CIFAR-10, before anything is written."""
+    options = run_options(args, args.seed)  # first: a distributed run is joined before JAX starts
     if args.data_dir is None and not args.dry_run:
         raise ValueError("python -m experiments.cifar needs --data-dir DIR holding CIFAR-10 (cifar-10-python.tar.gz, "
                          "cifar-10-batches-py/, cifar-10-binary.tar.gz, cifar-10-batches-bin/ or a tfds data dir)")
@@ -76,7 +77,7 @@ def build_setup(args: argparse.Namespace) -> study.Setup:
         train=train.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, peak_lr=args.pretrain_lr,
                                 flip=args.flip, crop_padding=args.crop_padding),
         images=x_train, labels=y_train, subset=subset, test_images=x_test, test_labels=y_test,
-        norm=train.Normalization(info.mean, info.std), ensemble=args.ensemble, options=run_options(args, args.seed),
+        norm=train.Normalization(info.mean, info.std), ensemble=args.ensemble, options=options,
         forget_sets=chosen, methods=methods, grid=args.grid, lr=args.lr, keep_checkpoints=args.keep_checkpoints)
 
 

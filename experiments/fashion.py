@@ -84,6 +84,7 @@ def load_datamodels(path: Path, subset: np.ndarray) -> np.ndarray:
 
 def build_setup(args: argparse.Namespace) -> study.Setup:
     """Validate every flag and load everything a study needs, before anything is written."""
+    options = run_options(args, args.seed)  # first: a distributed run is joined before JAX starts
     check_writable(Path(args.out))
     if args.snapshot is not None:
         check_writable(args.snapshot)
@@ -100,7 +101,7 @@ def build_setup(args: argparse.Namespace) -> study.Setup:
         dataset="fashion_mnist", model=models.build(args.model, info.num_classes),
         train=train.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, peak_lr=args.pretrain_lr),
         images=x_train[subset], labels=y_train[subset], subset=subset, test_images=x_test, test_labels=y_test,
-        norm=train.Normalization(info.mean, info.std), ensemble=args.ensemble, options=run_options(args, args.seed),
+        norm=train.Normalization(info.mean, info.std), ensemble=args.ensemble, options=options,
         forget_sets=chosen, methods=methods, grid=args.grid, lr=args.lr, datamodel_matrix=matrix,
         keep_checkpoints=args.keep_checkpoints, notes=(note,) if note else ())
 
