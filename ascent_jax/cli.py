@@ -61,6 +61,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, chunk_default: int 
                        help=f"members trained at once, or 'auto' to fit device memory (default {chunk_default})")
     group.add_argument("--layout", choices=["auto", "vmap", "map"], default="auto",
                        help="how members are batched per device (auto: lax.map on CPU, vmap elsewhere)")
+    group.add_argument("--memory-limit", type=positive_float, default=None, metavar="GIB",
+                       help="device memory in GiB that --chunk-size auto plans for (default: what the device reports; "
+                            "GPUs: XLA_PYTHON_CLIENT_MEM_FRACTION of it, 0.75 unless set; CPU: half the RAM)")
     group.add_argument("--checkpoint-every", type=positive_int, default=1,
                        help="epochs between checkpoints of training members (default 1; the last is always saved)")
     group.add_argument("--distributed", action="store_true",
@@ -81,7 +84,8 @@ def run_options(args: argparse.Namespace, seed: int):
     if args.distributed:
         ensemble.initialize_distributed()
     return ensemble.RunOptions(seed=seed, chunk_size=args.chunk_size, layout=args.layout, mesh=ensemble.default_mesh(),
-                               progress=not args.no_progress, checkpoint_every=args.checkpoint_every)
+                               progress=not args.no_progress, checkpoint_every=args.checkpoint_every,
+                               memory_limit=None if args.memory_limit is None else int(args.memory_limit * 2**30))
 
 
 def check_writable(out: Path) -> None:

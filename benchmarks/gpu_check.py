@@ -17,10 +17,12 @@ extrapolated from its best step time (a last partial chunk counts as full). In o
 * ``torch_loop`` -- a plain PyTorch per-model loop (both: ``bench`` extra, channels-last, cuDNN
   autotuning, bf16 autocast only with ``--dtype bfloat16``);
 * ``vmap`` -- the engine's vmapped epoch for one chunk (what :func:`ascent_jax.ensemble.run` runs);
-  this and the grouped contenders halve their size after running out of memory (recorded);
 * ``shard_map_1_device`` -- the same under ``shard_map`` on a mesh of this one device;
 * ``loop`` -- the single-model epoch jitted once and called per model;
 * ``map`` -- the engine's ``lax.map`` layout (one model after another inside one program).
+
+A contender that runs out of memory is retried at half its models (the sizes that failed are in
+its ``out_of_memory_at``); ``shard_map_1_device`` starts from the size ``vmap`` ran at.
 
 FLOPs are XLA's cost analysis of the compiled single-model epoch (its scan body, one step, is
 counted once); MFU is against the device's dense peak for the dtype in use: bf16 with

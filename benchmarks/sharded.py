@@ -132,9 +132,9 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--models", default="cnn,resnet9", help=f"architectures ({', '.join(SHAPES)})")
-    parser.add_argument("--members", type=int, default=8, help="ensemble members (a multiple of the devices)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--points", type=int, default=64, help="training images per member and timed epoch")
+    parser.add_argument("--members", type=int, default=4, help="ensemble members (a multiple of the devices)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--points", type=int, default=32, help="training images per member and timed epoch")
     parser.add_argument("--image-size", type=int, default=16, help="ResNet-9 image height and width (at least 16)")
     parser.add_argument("--repeats", type=int, default=3, help="most timed epochs per contender (best is kept)")
     parser.add_argument("--min-seconds", type=float, default=5.0, help="stop repeating once this much was timed")

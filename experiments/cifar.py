@@ -26,7 +26,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from ascent_jax import data, ensemble, forget_sets, models, train, unlearn
+from ascent_jax import data, forget_sets, models, train, unlearn
 from ascent_jax.cli import ArgumentParser, check_writable, run_main, run_options
 from experiments import study
 
@@ -71,9 +71,9 @@ def build_setup(args: argparse.Namespace) -> study.Setup:
     built = forget_sets.build_sets(recipes, subset, None, args.seed)
     available = {f"random{r.size}": built[r.name] for r in recipes}
     chosen = study.resolve_forget_sets(args.forget_set or ["random100"], available, len(y_train), subset)
-    options = {"stem": args.resnet18_stem} if args.model == "resnet18" else {}
+    architecture = {"stem": args.resnet18_stem} if args.model == "resnet18" else {}
     return study.Setup(
-        dataset="cifar10", model=models.build(args.model, info.num_classes, dtype=args.dtype, **options),
+        dataset="cifar10", model=models.build(args.model, info.num_classes, dtype=args.dtype, **architecture),
         train=train.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, peak_lr=args.pretrain_lr,
                                 flip=args.flip, crop_padding=args.crop_padding),
         images=x_train, labels=y_train, subset=subset, test_images=x_test, test_labels=y_test,
@@ -97,8 +97,8 @@ H100_PEAK_TFLOPS = {"bfloat16": 989.4, "tf32": 494.7, "float32": 66.9}
 
 
 def plan(setup: study.Setup, dtype: str, reproducible: bool) -> str:
-    """Example-gradients and forward passes of the whole study, FLOPs (backward ~ 2 x forward), the
-    time at 40% of the peak of the precision actually used, and the memory plan of pretraining."""
+    """Example-gradients and forward passes of the whole study, FLOPs (backward ~ 2 x forward) and the
+    time at 40% of the peak of the precision actually used."""
     s = setup
     n_train, n_eval = len(s.images), len(s.images) + len(s.test_images)
     gradients = s.ensemble * s.train.epochs * n_train
@@ -115,22 +115,17 @@ def plan(setup: study.Setup, dtype: str, reproducible: bool) -> str:
     flops = forward_flops(s) * (3 * gradients + forwards)
     precision = "bfloat16" if dtype == "bfloat16" else "float32" if reproducible else "tf32"
     peak = H100_PEAK_TFLOPS[precision] * 1e12
-    memory = ensemble.plan_training(
-        train.make_init(s.model, s.train, n_train, tuple(s.images.shape[1:])),
-        train.make_epoch(s.model, s.train, s.norm, n_train), s.ensemble,
-        (jax.ShapeDtypeStruct(s.images.shape, np.uint8), jax.ShapeDtypeStruct(s.labels.shape, np.int32)),
-        jax.ShapeDtypeStruct((s.ensemble, n_train), np.int32), s.options)
     return (f"{gradients:.3g} example-gradients and {forwards:.3g} example forward passes: about {flops:.3g} FLOPs "
             f"({flops / 1e15:.3g} PFLOP; at 40% of an H100's dense {precision} peak of {peak / 1e12:g} TFLOP/s, "
-            f"about {flops / (0.4 * peak) / 3600:.2g} h)\n"
-            + memory.describe(f"pretraining memory on {jax.devices()[0].platform}"))
+            f"about {flops / (0.4 * peak) / 3600:.2g} h)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup = build_setup(args)
     if args.dry_run:
-        print(study.describe(setup) + "\n" + plan(setup, args.dtype, args.reproducible))
+        print(study.describe(setup) + "\n" + plan(setup, args.dtype, args.reproducible) + "\n"
+              + study.memory_plan(setup))
         return 0
     return study.execute(setup, Path(args.out), snapshot=args.snapshot,
                          extra_plan=plan(setup, args.dtype, args.reproducible))

@@ -451,7 +451,7 @@ def execute(setup: Setup, out: Path, *, pretrain_only: bool = False, snapshot: P
     With ``snapshot`` nothing is trained: what ``out`` has finished is tabulated into ``snapshot``.
     """
     if ensemble.is_writer():
-        print(describe(setup) + (f"\n{extra_plan}" if extra_plan else ""), flush=True)
+        print(describe(setup) + (f"\n{extra_plan}" if extra_plan else "") + f"\n{memory_plan(setup)}", flush=True)
     table = Study(setup, out).run(pretrain_only=pretrain_only, snapshot=snapshot)
     if table is None or not ensemble.is_writer():
         return 0
@@ -490,3 +490,15 @@ def describe(setup: Setup) -> str:
              f"{s.ensemble * sum(runs.values()) * len(s.forget_sets)} unlearning runs of one replica"]
     return "\n".join(lines + [f"note: {note}" for note in s.notes])
 
+
+
+def memory_plan(setup: Setup) -> str:
+    """How pretraining's members are chunked to fit the device memory (from XLA's memory analysis)."""
+    s = setup
+    n = len(s.images)
+    plan = ensemble.plan_training(
+        train.make_init(s.model, s.train, n, tuple(s.images.shape[1:])), train.make_epoch(s.model, s.train, s.norm, n),
+        s.ensemble, (jax.ShapeDtypeStruct(s.images.shape, np.uint8), jax.ShapeDtypeStruct(s.labels.shape, np.int32)),
+        jax.ShapeDtypeStruct((s.ensemble, n), np.int32), s.options)
+    devices = f"{s.options.num_shards} {jax.devices()[0].platform} device(s), layout {s.options.resolved_layout}"
+    return plan.describe(f"pretraining memory on {devices}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -194,3 +195,20 @@ def test_snapshot_tabulates_finished_stages_without_touching_the_run(smoke, tmp_
     table = pd.read_parquet(snapshot / "results.parquet")
     pd.testing.assert_frame_equal(stable(table), stable(pd.read_parquet(smoke / "results.parquet")))  # no finetune rows
     assert (snapshot / "report.md").exists() and (snapshot / "forget_vs_val.png").exists()
+
+
+def test_cifar_dry_run_plans_without_data_from_the_engine_memory_plan():
+    """CIFAR-10's sizes are known: the plan needs no --data-dir; it prints the time against the peak of
+    the precision used and the chunk the engine's memory plan gives for the limit asked for."""
+    result = subprocess.run([sys.executable, "-m", "experiments.cifar", "--ensemble", "100", "--dry-run", "--dtype",
+                             "bfloat16", "--layout", "vmap", "--memory-limit", "8", "--out", "unused"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "H100's dense bfloat16 peak of 989.4 TFLOP/s" in result.stdout
+    memory = re.search(r"pretraining memory on 1 cpu device\(s\), layout vmap: ([\d.]+) MiB per member \+ ([\d.]+) MiB "
+                       r"shared per device, limit 8.0 GiB -> (\d+) members at once, (\d+) chunk\(s\)", result.stdout)
+    assert memory, result.stdout
+    per, fixed, chunk, chunks = float(memory[1]), float(memory[2]), int(memory[3]), int(memory[4])
+    assert per > 100  # ResNet-9 activations at batch 512: hundreds of MiB per member
+    assert abs(chunk - (0.85 * 8 * 1024 - fixed) // per) <= 1 and chunks == -(-100 // chunk)  # MiB are rounded
+    assert not Path(ROOT / "unused").exists()
