@@ -35,7 +35,15 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 
 
 positive_int = int_at_least(1)  # sizes, epochs
-non_negative_int = int_at_least(0)  # seeds
+non_negative_int = int_at_least(0)
+
+
+def prng_seed(text: str) -> int:
+    """argparse type: a seed in [0, 2**32) -- JAX keys hold 32 bits, so larger seeds would wrap onto smaller ones."""
+    value = non_negative_int(text)
+    if value >= 2**32:
+        raise argparse.ArgumentTypeError(f"must be below 2**32 = {2**32} (JAX's PRNG keys hold 32 bits), got {value}")
+    return value
 
 
 def positive_float(text: str) -> float:

@@ -45,6 +45,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
@@ -354,8 +355,7 @@ def plan_training(init: Callable, epoch: Callable, num_members: int, shared: Any
     can be printed before anything is loaded or trained.
     """
     shards = options.num_shards
-    _, epoch_chunk = training_programs(init, epoch, options.resolved_layout, options.mesh)
-    init_chunk, _ = training_programs(init, epoch, options.resolved_layout, options.mesh)
+    init_chunk, epoch_chunk = training_programs(init, epoch, options.resolved_layout, options.mesh)
     member_sharding, shared_sharding = _shardings(options)
     base = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=shared_sharding)
     inputs = np.zeros(1) if member_inputs is None else member_inputs
@@ -435,22 +435,15 @@ class Store:
                              f"directory or delete {self.path(name)} to start fresh")
         return True
 
-    def load(self, name: str, tag: str, like: Any = None) -> tuple[Any, dict] | None:
-        """``(arrays, meta)`` of entry ``name`` if it has fingerprint ``tag``, else ``None`` if missing.
-
-        ``like`` (a pytree of arrays or shape structs, possibly sharded) restores into that
-        structure and placement; without it the arrays come back as numpy.
-        """
-        import orbax.checkpoint as ocp
-
+    def load(self, name: str, tag: str) -> tuple[Any, dict] | None:
+        """``(arrays as numpy, meta)`` of entry ``name`` if it has fingerprint ``tag``; ``None`` if missing."""
         if not self.check(name, tag):
             return None
         meta = self.meta(name)
         if not (self.path(name) / "arrays").exists():
             return None, meta
-        target = None if like is None else _abstract(like, None, None) if not _has_sharding(like) else like
         try:
-            arrays = ocp.StandardCheckpointer().restore(self.path(name) / "arrays", target)
+            arrays = ocp.StandardCheckpointer().restore(self.path(name) / "arrays")
         except Exception as error:  # noqa: BLE001 -- orbax raises many kinds on damaged files
             raise ValueError(f"cache entry {self.path(name)} cannot be read ({type(error).__name__}: "
                              f"{str(error)[:200]}); delete it and rerun") from None
@@ -458,8 +451,6 @@ class Store:
 
     def save(self, name: str, tag: str, arrays: Any = None, meta: dict | None = None) -> None:
         """Write entry ``name`` (replacing an older one) with fingerprint ``tag``; blocks until written."""
-        import orbax.checkpoint as ocp
-
         path = self.path(name)
         tmp = path.with_name(f".{path.name}.partial")
         if is_writer():
@@ -479,10 +470,6 @@ class Store:
     def delete(self, name: str) -> None:
         if is_writer():
             shutil.rmtree(self.path(name), ignore_errors=True)
-
-
-def _has_sharding(tree: Any) -> bool:
-    return any(getattr(leaf, "sharding", None) is not None for leaf in jax.tree_util.tree_leaves(tree))
 
 
 def _sync(name: str) -> None:
@@ -505,8 +492,6 @@ class Checkpoints:
     """
 
     def __init__(self, directory: Path, tag: str, every: int, last: int):
-        import orbax.checkpoint as ocp
-
         self.directory, self.tag, self.last = Path(directory), tag, last
         options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=1, create=True,
                                                enable_async_checkpointing=True)
@@ -514,8 +499,6 @@ class Checkpoints:
 
     def restore(self, like: Any) -> tuple[Any, int, dict] | None:
         """``(state, epochs done, metric history)`` of the latest checkpoint, or ``None``."""
-        import orbax.checkpoint as ocp
-
         step = self.manager.latest_step()
         if step is None:
             return None
@@ -531,8 +514,6 @@ class Checkpoints:
         return restored.state, step, meta["metrics"]
 
     def save(self, epoch: int, state: Any, history: dict) -> None:
-        import orbax.checkpoint as ocp
-
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   meta=ocp.args.JsonSave({"fingerprint": self.tag, "metrics": history}))
         self.manager.save(epoch, args=args, force=epoch == self.last)

@@ -34,12 +34,12 @@ from ascent_jax.cli import (
     ArgumentParser,
     add_engine_arguments,
     check_writable,
-    non_negative_int,
     positive_float,
     positive_int,
     read_run_file,
     run_main,
     run_options,
+    prng_seed,
 )
 
 MANIFEST = "forget_sets.json"
@@ -250,7 +250,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--split-size", type=positive_int, default=250, help="top and bottom count of the "
                         "top+bottom sets (default 250)")
     parser.add_argument("--pcs", type=_int_list, default=(1, 2), help="PCs to build sets on (default 1,2)")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the subset, masks, models and random sets")
+    parser.add_argument("--seed", type=prng_seed, default=0, help="seed of the subset, masks, models and random sets")
     parser.add_argument("--data-dir", default=None, help="folder with the data set files")
     parser.add_argument("--out", default="runs/forget_sets", help="output directory (default runs/forget_sets)")
     add_engine_arguments(parser, chunk_default=100)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ascent_jax import data, datamodels, ensemble, forget_sets, models, train
-from ascent_jax.cli import ArgumentParser, check_writable, non_negative_int, positive_int, run_main, run_options
+from ascent_jax.cli import ArgumentParser, check_writable, positive_int, prng_seed, run_main, run_options
 from experiments import study
 
 FORGET_SETS_DIR = Path(__file__).parent / "forget_sets" / "fashion_mnist"
@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         + ", or fallback-random100 without datamodel sets)")
     parser.add_argument("--subset-size", type=positive_int, default=10_000,
                         help="class-balanced study subset of the 60,000 training images (default 10000)")
-    parser.add_argument("--subset-seed", type=non_negative_int, default=0, help="seed that draws the study subset (default 0)")
+    parser.add_argument("--subset-seed", type=prng_seed, default=0, help="seed that draws the study subset (default 0)")
     parser.add_argument("--forget-sets-dir", type=Path, default=FORGET_SETS_DIR,
                         help="output of python -m ascent_jax.forget_sets (default: the committed Fashion-MNIST sets)")
     parser.add_argument("--datamodels", type=Path, default=None,

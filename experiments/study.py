@@ -36,7 +36,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ascent_jax import datamodels, ensemble, files, forget_sets, klom, train, unlearn
-from ascent_jax.cli import add_engine_arguments, non_negative_int, positive_float, positive_int, read_run_file
+from ascent_jax.cli import add_engine_arguments, positive_float, positive_int, prng_seed, read_run_file
 from ascent_jax.models import Model
 from ascent_jax.unlearn import grids
 from experiments import plots
@@ -94,7 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, ensemble_size: int, model:
     parser.add_argument("--grid", default=grid, help=f"grid preset: {', '.join(grids.PRESETS)} (default {grid})")
     parser.add_argument("--data-dir", default=None, help="folder with the data set files")
     parser.add_argument("--out", default=out, help=f"run directory (default {out}); rerunning resumes")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="base seed (replica i uses fold_in(key(seed), i))")
+    parser.add_argument("--seed", type=prng_seed, default=0, help="base seed (replica i uses fold_in(key(seed), i))")
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="keep every finished run's checkpoints under RUN_DIR/work (default: prune them)")
     parser.add_argument("--snapshot", type=Path, default=None, metavar="DIR",

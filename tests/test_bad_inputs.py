@@ -477,6 +477,8 @@ CLI_CASES = [
     pytest.param([*DATA, "--import", "{nowhere}"], r"forget set file {nowhere} does not exist$", id="import-missing"),
     pytest.param([*DATA, "--subset-size", "30", *SMALL_SETS, "--seed", "-1"], r"argument --seed: must be at least 0, got -1$",
                  id="seed-negative"),
+    pytest.param([*DATA, "--subset-size", "30", *SMALL_SETS, "--seed", str(2**40)], r"argument --seed: must be below 2",
+                 id="seed-wraps"),
 ]
 
 
@@ -568,6 +570,15 @@ STUDY_CASES = [
     pytest.param(["--lr", "nan"], r"argument --lr: must be a positive finite number, got nan$", id="lr-nan"),
     pytest.param(["--lr=-1e-3"], r"argument --lr: must be a positive finite number, got -1e-3$", id="lr-negative"),
     pytest.param(["--seed", "-2"], r"argument --seed: must be at least 0, got -2$", id="seed-negative"),
+    pytest.param(["--seed", str(2**32)], r"argument --seed: must be below 2\*\*32 = 4294967296 \(JAX's PRNG keys hold "
+                 r"32 bits\), got 4294967296$", id="seed-wraps"),
+    pytest.param(["--chunk-size", "0"], r"argument --chunk-size: must be at least 1, got 0$", id="chunk-size-0"),
+    pytest.param(["--chunk-size", "half"], r"argument --chunk-size: expected a whole number, got 'half'$",
+                 id="chunk-size-word"),
+    pytest.param(["--memory-limit", "0"], r"argument --memory-limit: must be a positive finite number, got 0$",
+                 id="memory-limit-0"),
+    pytest.param(["--checkpoint-every", "0"], r"argument --checkpoint-every: must be at least 1, got 0$",
+                 id="checkpoint-every-0"),
     pytest.param(["--model", "vit"], r"argument --model: invalid choice: 'vit'", id="unknown-model"),
     pytest.param(["--method", "nope"], r"unknown unlearning method 'nope'; choose one of ga, ", id="unknown-method"),
     pytest.param(["--grid", "huge"], r"unknown grid preset 'huge'; choose one of paper, cpu, quick$", id="unknown-grid"),
