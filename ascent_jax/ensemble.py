@@ -231,12 +231,6 @@ def _member_key(base: jax.Array, member: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.wrap_key_data(base), member)
 
 
-def member_keys(seed: int, members: np.ndarray) -> jax.Array:
-    """PRNG key of each member: ``fold_in(key(seed), i)`` -- independent of ensemble size."""
-    base = jax.random.key_data(jax.random.key(seed))
-    return jax.vmap(lambda i: _member_key(base, i))(jnp.asarray(members, jnp.uint32))
-
-
 def _take(tree: Any, index: Any) -> Any:
     return jax.tree_util.tree_map(lambda leaf: np.asarray(leaf)[index], tree)
 
@@ -268,6 +262,8 @@ def training_programs(init: Callable, epoch: Callable, layout: str = "vmap", mes
     where ``base_key`` is ``key_data(key(seed))`` and ``members`` the member indices; member keys
     are derived inside the program, so they are created where their member lives.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)} (resolve 'auto' with RunOptions), got {layout!r}")
 
     def init_chunk(base, members, inputs):
         return _over_members(lambda member, member_input: init(_member_key(base, member), member_input), layout)(

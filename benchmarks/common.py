@@ -279,7 +279,8 @@ def torch_grouped(module, groups: int):
             fan_in, fan_out = linear.in_features, linear.out_features
             bound = fan_in**-0.5  # nn.Linear's default initialisation
             self.weight = nn.Parameter(torch.empty(groups, fan_in, fan_out).uniform_(-bound, bound))
-            self.bias = None if linear.bias is None else nn.Parameter(torch.empty(groups, fan_out).uniform_(-bound, bound))
+            bias = torch.empty(groups, fan_out).uniform_(-bound, bound)
+            self.bias = None if linear.bias is None else nn.Parameter(bias)
 
         def forward(self, x):
             y = torch.einsum("bgi,gio->bgo", x.reshape(x.shape[0], groups, -1), self.weight)

@@ -1,6 +1,6 @@
 """One prepared GPU check: the ResNet-9 ensemble contenders on CIFAR-shaped random tensors, time-boxed.
 
-Run ``python -m benchmarks.gpu_check`` on one GPU (about 6-8 minutes on an H100/H200; ``--help``);
+Run ``python -m benchmarks.gpu_check`` on one GPU (about 6-8 minutes on an H100/H200, estimated; ``--help``);
 it also runs tiny on CPU (the tests do). It writes ``benchmarks/results/gpu_check.json`` after
 every step, so a run cut short keeps what it measured, and starts no contender once
 ``--budget-seconds`` have passed (those are recorded as skipped). The data are random uint8
@@ -139,10 +139,11 @@ class Bench:
         args = self.args
         step = min(seconds) / args.steps
         achieved = models_per_call * self.step_flops / step / 1e12
+        calls = math.ceil(args.members / models_per_call)
         return {"seconds_samples": seconds, "models_per_call": models_per_call, "step_seconds": step,
                 "images_per_s": models_per_call * args.batch_size / step, "tflops_per_s": achieved,
                 "mfu": {kind: achieved / peak for kind, peak in self.peaks.items()},
-                "extrapolated_job_seconds": math.ceil(args.members / models_per_call) * args.epochs * self.full_steps * step}
+                "extrapolated_job_seconds": calls * args.epochs * self.full_steps * step}
 
     def ensemble(self, layout: str, k: int, mesh=None) -> dict:
         """The engine's epoch program of ``k`` members in ``layout`` (on ``mesh``: under shard_map)."""
@@ -161,7 +162,8 @@ class Bench:
         states = [jax.tree_util.tree_map(lambda leaf, i=i: jnp.array(leaf[i]), self.initial) for i in range(k)]
         rest = [(self.shared, jnp.arange(self.points, dtype=jnp.int32), jax.random.fold_in(jax.random.key(SEED), i))
                 for i in range(k)]
-        seconds = common.measure(common.Stepper(self.loop_epoch, states, rest), self.args.repeats, self.args.min_seconds)
+        stepper = common.Stepper(self.loop_epoch, states, rest)
+        seconds = common.measure(stepper, self.args.repeats, self.args.min_seconds)
         return {**self.rates(seconds, k), "compile_seconds": self.loop_compile_s, "peak_bytes_in_use": _peak_bytes()}
 
     def torch(self, torch, k: int, *, grouped: bool) -> dict:
@@ -290,7 +292,8 @@ def main(argv=None) -> dict:
     result["plan"] = {**plan._asdict(), "describe": plan.describe("vmap epoch"), "chunk_used": chunk}
     record.save()
     bench.prepare(max(chunk, args.loop_models))
-    for name, grouped, k in (("torch_grouped", True, args.grouped_models or chunk), ("torch_loop", False, args.loop_models)):
+    torch_runs = (("torch_grouped", True, args.grouped_models or chunk), ("torch_loop", False, args.loop_models))
+    for name, grouped, k in torch_runs:
         record.run(name, (lambda: {"skipped": torch_note}) if torch_note
                    else functools.partial(_fitting, functools.partial(bench.torch, torch, grouped=grouped), k))
     record.run("vmap", lambda: _fitting(functools.partial(bench.ensemble, "vmap"), chunk))

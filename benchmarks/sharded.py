@@ -49,7 +49,8 @@ SHAPES = {"cnn": lambda size: (28, 28, 1), "resnet9": lambda size: (size, size, 
 
 def _abstract(tree, sharding=None):
     """Shape structs of ``tree``'s leaves, placed with ``sharding``."""
-    return jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype, sharding=sharding), tree)
+    return jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype, sharding=sharding),
+                                  tree)
 
 
 def _contender(jitted, args, expected_flops: float) -> tuple[dict, object]:
@@ -82,7 +83,7 @@ def bench_model(arch: str, args, mesh) -> dict:
     single = common.cost_flops(jax.jit(epoch).lower(one, _abstract(shared), _abstract(subsets[0]),
                                                     jax.random.key(SEED), jnp.int32(0)).compile())
     split, replicated = NamedSharding(mesh, PartitionSpec(ensemble.AXIS)), NamedSharding(mesh, PartitionSpec())
-    placed = (_abstract(subsets, split), _abstract(ids, split), _abstract(shared, replicated), _abstract(base, replicated))
+    placed = (*_abstract((subsets, ids), split), *_abstract((shared, base), replicated))
     programs = {"shard_map": (sharded_epoch, split, placed, single * k / devices),
                 "gspmd": (plain_epoch, split, placed, single * k / devices),
                 "one_device": (plain_epoch, None, _abstract((subsets, ids, shared, base)), single * k)}
