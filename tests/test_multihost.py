@@ -1,4 +1,5 @@
-"""Two real processes on localhost (jax.distributed, gloo CPU collectives, 2 forced devices each).
+"""Two real processes on localhost (jax.distributed, gloo CPU collectives, 2 forced devices each),
+started with the environment ``srun`` gives its tasks (jax.distributed detects SLURM itself).
 
 The study CLI with ``--distributed`` splits the members over the 4 devices of both processes;
 killed (both processes) in the middle of training and rerun, it resumes and ends with the
@@ -28,19 +29,31 @@ STUDY = ["--ensemble", "4", "--epochs", "1", "--subset-size", "600", "--forget-s
          "--method", "ga", "--method", "om", "--no-progress"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+SLURM_PORTS = 61440  # jax.distributed's SLURM detection: coordinator port 61440 + job id % 4096
+
+
+def free_slurm_job_id() -> int:
+    """A job id whose SLURM coordinator port is free on localhost."""
+    for job in np.random.default_rng().permutation(4096):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", SLURM_PORTS + int(job)))
+            except OSError:
+                continue
+            return int(job)
+    raise RuntimeError("no free port for the coordinator")
 
 
 def start(args: list[str], out: Path, logs: Path) -> list[subprocess.Popen]:
-    """Both processes of one distributed run of ``python -m experiments.fashion``."""
-    port = free_port()
+    """Both processes of one distributed run of ``python -m experiments.fashion``, launched as ``srun``
+    launches tasks: the SLURM variables of one node with two tasks, which ``jax.distributed``'s own
+    cluster detection reads (no coordinator address is passed)."""
+    job = free_slurm_job_id()
     processes = []
     for rank in range(2):
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-               "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(rank)}
+               "SLURM_JOB_ID": str(job), "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
+               "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_STEP_NUM_NODES": "1"}
         log = open(logs / f"process{rank}.log", "w")
         processes.append(subprocess.Popen([sys.executable, "-m", "experiments.fashion", *args, "--distributed",
                                            "--out", str(out)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
