@@ -129,17 +129,72 @@ def test_build_rejects_bad_arguments(bad, message):
     assert str(error.value) == message
 
 
-@pytest.mark.parametrize("kernel, channels", [(3, 1), (3, 16), (5, 4)])
-def test_patch_conv_equals_lax_convolution(kernel, channels):
-    """The small CNN's im2col convolution computes exactly nn.Conv's 'same' convolution."""
-    from ascent_jax.models.layers import PatchConv
+def reference_conv_relu_pool(x, kernel, bias):
+    """lax.conv ('same', stride 1) + bias -> ReLU -> nn.max_pool 2x2."""
+    import flax.linen as nn
 
-    layer = PatchConv(8, kernel)
-    x = jax.random.normal(jax.random.key(0), (2, 11, 9, channels))
-    variables = layer.init(jax.random.key(1), x)
-    params = variables["params"]
-    reference = jax.lax.conv_general_dilated(x, params["kernel"], (1, 1), [(kernel // 2, kernel // 2)] * 2,
-                                             dimension_numbers=("NHWC", "HWIO", "NHWC")) + params["bias"]
-    np.testing.assert_allclose(layer.apply(variables, x), reference, rtol=1e-5, atol=1e-5)
+    pad = kernel.shape[0] // 2
+    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), [(pad, pad)] * 2,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+    return nn.max_pool(nn.relu(y), (2, 2), strides=(2, 2))
+
+
+def assert_close(actual, expected, tol=1e-5):
+    """Equal up to float32 rounding: |a - e| <= tol * (|e| + max |e|)."""
+    scale = float(jnp.abs(expected).max())
+    np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("batch, size, channels, features, kernel", [
+    (35, 28, 1, 16, 3),   # the small CNN's first layer: two CPU chunks plus a remainder
+    (35, 14, 16, 32, 3),  # its second layer
+    (3, 14, 16, 32, 3),   # one chunk
+    (5, 7, 4, 8, 5),      # odd size (last row/column dropped by the pool), 5x5 kernel
+])
+def test_patch_conv_pool_equals_lax_conv_and_max_pool(batch, size, channels, features, kernel):
+    """The small CNN's conv -> ReLU -> pool layer: nn.Conv + nn.relu + nn.max_pool in value and gradients."""
+    from ascent_jax.models.layers import PatchConvPool
+
+    layer = PatchConvPool(features, kernel)
+    keys = jax.random.split(jax.random.key(batch + channels), 3)
+    x = jax.random.normal(keys[0], (batch, size, size, channels))
+    params = layer.init(keys[1], x)["params"]
     fan_in = kernel * kernel * channels
+    assert params["kernel"].shape == (kernel, kernel, channels, features) and params["bias"].shape == (features,)
     assert np.abs(params["kernel"]).max() <= fan_in ** -0.5 and np.abs(params["bias"]).max() <= fan_in ** -0.5
+
+    def ours(x, kernel, bias):
+        return layer.apply({"params": {"kernel": kernel, "bias": bias}}, x)
+
+    out, ours_vjp = jax.vjp(jax.jit(ours), x, params["kernel"], params["bias"])
+    expected, reference_vjp = jax.vjp(reference_conv_relu_pool, x, params["kernel"], params["bias"])
+    assert out.shape == expected.shape == (batch, size // 2, size // 2, features)
+    assert_close(out, expected)
+    cotangent = jax.random.normal(keys[2], out.shape)
+    for got, want in zip(ours_vjp(cotangent), reference_vjp(cotangent)):  # input, kernel, bias
+        assert_close(got, want)
+
+
+def test_cnn_equals_lax_reference():
+    """The whole small CNN (chunked on CPU) computes the nn.Conv/nn.max_pool network: outputs and gradients."""
+    model = models.build("cnn", 10)
+    variables = model.init(jax.random.key(0), (28, 28, 1))
+    x = jax.random.normal(jax.random.key(1), (40, 28, 28, 1))
+
+    def reference(params, x):
+        for name in ("Conv_0", "Conv_1"):
+            x = reference_conv_relu_pool(x, params[name]["kernel"], params[name]["bias"])
+        x = jax.nn.relu(x.reshape(x.shape[0], -1) @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
+        return x @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"]
+
+    def ours(params, x):
+        return model.apply({"params": params, "batch_stats": {}}, x, True)[0]
+
+    def loss(fn):
+        return lambda params: jnp.mean(jax.nn.log_softmax(fn(params, x))[:, 3])
+
+    assert_close(jax.jit(ours)(variables["params"], x), reference(variables["params"], x))
+    got, want = jax.jit(jax.grad(loss(ours)))(variables["params"]), jax.grad(loss(reference))(variables["params"])
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        assert_close(a, b)
