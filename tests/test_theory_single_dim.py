@@ -152,14 +152,39 @@ def test_f3_fixed_points_differ_at_first_order():
         assert abs(float(sd.joint_da_step(jnp.asarray(w_joint), 0.1, a, b, lam)) - w_joint) < 1e-15
 
 
+def _iterate(w0, eta, a, b, lam, n):
+    """``n`` rounds of the iterated map from ``w0`` (direct iteration, no Newton)."""
+    with jax.enable_x64(True):
+        step = lambda _, w: sd.iterated_da_step(w, eta, a, b, lam)
+        return float(jax.jit(lambda w: jax.lax.fori_loop(0, n, step, w))(jnp.asarray(w0, jnp.float64)))
+
+
 def test_f3_eta2_term_stabilises_but_fixed_point_runs_off_like_log_eta():
-    a, b, lam = 0.5, 0.95, 0.5  # (a - b)/(2 lam) < -1/e: joint DA has no fixed point
-    etas = np.array([1e-2, 1e-3, 1e-4])
+    a, b, lam = 0.5, 2.0, 0.5  # b/a = 4, (a - b)/(2 lam) = -1.5 < -1/e: joint DA has no fixed point
+    etas = np.array([1e-2, 1e-3, 1e-4, 1e-6])
     w, guess = sd.f3_stabilised_fixed_point(etas, a, b, lam)
     with jax.enable_x64(True):
         resid = [float(sd.iterated_da_step(jnp.asarray(wi), e, a, b, lam)) - wi for wi, e in zip(w, etas)]
     assert np.max(np.abs(resid)) < 1e-12
-    assert np.all(np.abs(w - guess) < 0.5) and np.all(np.diff(w) < -2.0)
+    # -ln(ln(b/a)/(eta a)) is the asymptote (error O(eta ln eta)); -ln((b-a)/(eta a b)) is off by ln(ln 4 / 0.75) = 0.61
+    assert np.all(np.diff(np.abs(w - guess)) < 0) and abs(w[-1] - guess[-1]) < 1e-4
+    old = -np.log((b - a) / (etas * a * b))
+    assert np.all(np.abs(old[1:] - w[1:] - np.log(np.log(b / a) * b / (b - a))) < 0.01)
+    assert np.all(np.diff(w) < -2.0)  # runs to -inf like ln(eta)
+    # direct iteration from 0.3 away converges to the Newton fixed point
+    assert abs(_iterate(guess[1] + 0.3, etas[1], a, b, lam, 3000) - w[1]) < 1e-10
+
+
+def test_f3_stabilised_fixed_point_repels_beyond_e_to_sqrt2():
+    """T'(w*) -> 1 - ln(b/a)^2: attracting for b/a < e^sqrt(2) = 4.11, repelling above (no convergence)."""
+    a, lam, eta = 0.5, 0.5, 1e-4
+    for ratio in (4.0, 5.0):
+        w, _ = sd.f3_stabilised_fixed_point([eta], a, ratio * a, lam)
+        with jax.enable_x64(True):
+            slope = float(jax.grad(sd.iterated_da_step)(jnp.asarray(w[0]), eta, a, ratio * a, lam))
+        assert abs(slope - (1 - np.log(ratio) ** 2)) < 0.01
+        end = _iterate(w[0] + 1e-3, eta, a, ratio * a, lam, 3000)
+        assert (abs(end - w[0]) < 1e-10) == (ratio < np.exp(np.sqrt(2)))
 
 
 def test_validation_errors():

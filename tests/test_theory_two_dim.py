@@ -115,3 +115,72 @@ def test_validation():
         td.alpha_bounds_2d(1.5, 70, 100, 30, 1.0)
     with pytest.raises(ValueError):
         td.two_dim_dataset(0, 1, 10, 5, 0.5)
+
+
+def test_app_l_eq13_weights_are_real_and_solve_eq12():
+    mpmath = pytest.importorskip("mpmath")
+    eps, r_lam = 0.9, 10.0  # 8 (1-eps)^2 / (|R| lam)^2 = 8e-4 < 1/e
+    with mpmath.workdps(30):
+        c = mpmath.mpf(eps - 1) / r_lam
+
+        def eq12(u, v):  # App. L Eq. (12), the eps -> 1 DA stationarity equations
+            return [u - mpmath.exp(-u - v) * (u - v - 1) * c, v - mpmath.exp(-u - v) * (u - v + 1) * c]
+
+        def printed_eq13(ratio):  # Eq. (13) as printed, in complex arithmetic, argument -ratio
+            W = mpmath.lambertw(-ratio)
+            return (W - 1j * mpmath.sqrt(2) * mpmath.sqrt(W)) / 4, (W + 1j * mpmath.sqrt(2) * mpmath.sqrt(W)) / 4
+
+        w1, w2 = printed_eq13(8 * c**2)
+        assert mpmath.im(w1) == 0 and mpmath.im(w2) == 0  # i sqrt(2) sqrt(W) is real for W < 0
+        assert max(abs(r) for r in eq12(w1, w2)) < 1e-28
+        root = mpmath.findroot(eq12, (0.01, -0.01))  # Newton on Eq. (12), no Lambert W
+        assert abs(root[0] - w1) < 1e-25 and abs(root[1] - w2) < 1e-25
+        x1, x2 = td.app_l_eq13(eps, r_lam)
+        assert abs(float(x1) - 0.009804) < 1e-6 and abs(float(x2) + 0.010204) < 1e-6
+        assert abs(float(x1) - float(mpmath.re(w1))) < 1e-16 and abs(float(x2) - float(mpmath.re(w2))) < 1e-16
+        assert max(abs(float(r)) for r in eq12(mpmath.mpf(float(x1)), mpmath.mpf(float(x2)))) < 1e-17
+        # complex exactly past 8 (1-eps)^2 / (|R| lam)^2 = 1/e
+        for e in (0.2, 0.5, 0.95):
+            rl_edge = float(mpmath.sqrt(8 * mpmath.e)) * (1 - e)
+            for f, real in ((1 + 1e-6, True), (1 - 1e-6, False)):  # larger |R| lam -> smaller argument
+                w1, _ = printed_eq13(8 * (1 - mpmath.mpf(e)) ** 2 / (rl_edge * f) ** 2)
+                assert (mpmath.im(w1) == 0) == real
+                assert np.isfinite(td.app_l_eq13(e, rl_edge * f)[0]) == real
+
+
+@pytest.mark.parametrize("lam_d", [0.1, 1.0])
+def test_lemma4_threshold_negative_at_small_lam_d(lam_d):
+    """For lam |D|/|R_ij| <= 1 the window is empty at every eps; alpha^{R>D} < 0 for most eps only if |F|/|D| <= 0.1."""
+    eps = np.linspace(0.01, 0.99, 99)
+    shares = []
+    for frac in (0.05, 0.1, 0.3, 0.5):
+        n_f = 100 * frac
+        b = td.alpha_bounds_2d(eps, 100 - n_f, 100.0, n_f, lam_d / 100)
+        assert np.all(b.r_gt_d < b.d_gt_da)  # the window is empty
+        # Eq. (6) solves y_hi^D(alpha) = y^R with y_hi^D increasing in alpha: it is negative exactly where
+        # Lemma 9's bound already exceeds Lemma 8's y^R at alpha = 0
+        y_hi0 = td.lemma9_pretrain_bounds(eps, 0.0, 1.0, 100.0, lam_d / 100)[3]
+        y_r = td.lemma8_retrain_xy(eps, 1.0, 100 - n_f, lam_d / 100)[1]
+        np.testing.assert_array_equal(b.r_gt_d < 0, y_hi0 > y_r)
+        assert np.all(b.r_gt_d_x > 0)  # only the y part goes negative
+        shares.append(np.mean(b.r_gt_d < 0))
+    assert np.all(np.diff(shares) < 0)
+    if lam_d == 1.0:  # the README's numbers
+        np.testing.assert_allclose(shares, [0.687, 0.556, 0.273, 0.091], atol=0.006)
+        assert shares[1] > 0.5 > shares[2]
+
+
+def test_threshold_tightness_no_violation_and_gap_shrinks():
+    eps = np.array([0.2, 0.5, 0.8])[:, None]
+    lam_d = np.array([1.0, 100.0, 1e4])
+    res = td.threshold_tightness(eps, lam_d, 0.3, n_bisect=30)
+    for part, (thr, crossing, gap) in res.items():
+        assert np.all(gap > -1e-6), part  # the thresholds are sufficient: no counterexample
+    # the crossing found by bisection is where x^D reaches Lemma 8's x^R (closed form, not used in the bisection)
+    cross = res["eq5"][1]
+    x_d = td.block_direct(eps, cross, 70.0, 30.0, lam_d / 100)["pretrain"][0]
+    np.testing.assert_allclose(x_d, td.lemma8_retrain_xy(eps, 1.0, 70.0, lam_d / 100)[0], rtol=1e-7)
+    for part in ("eq5", "eq6", "lemma4", "lemma3_x"):
+        med = np.median(res[part][2], axis=0)
+        assert np.all(np.diff(med) < 0) and med[-1] < 0.01, part
+    assert np.all(res["lemma3_y"][2] > 1.0)  # y part of Lemma 3 loose by > 100 % at every lam

@@ -10,7 +10,8 @@ Monte Carlo. Modules:
 * ``lambertw``: real Lambert W (branches 0, -1) in JAX, with a custom JVP;
 * ``single_dim``: Lemma 5 closed form, Lemma 2, Lemmas 6/7, Corollary 1,
   App. F.3;
-* ``two_dim``: Lemmas 8-11, 3/4, 13 and Fig. 3;
+* ``two_dim``: Lemmas 8-11, 3/4 (and how tight they are), 13, Fig. 3 and
+  App. L's Eq. (13);
 * ``random_forget``: Lemma 1 on Fashion-MNIST;
 * ``toy_minima``: the App. B toy with bad minima (Fig. 4 / NeurIPS Fig. 5);
 * ``da_direction``: the NeurIPS claim that the first DA step points away
@@ -41,12 +42,15 @@ from .solvers import newton_minimise
 from .toy_minima import PAPER_READING, ToyReading, claims, find_minima, search_readings
 from .two_dim import (
     alpha_bounds_2d,
+    app_l_eq13,
     block_direct,
     direct_two_dim,
     lemma8_retrain_xy,
     lemma9_pretrain_bounds,
     lemma10_da_bounds,
     ordering_region,
+    threshold_tightness,
+    true_crossings,
     two_dim_dataset,
 )
 
@@ -71,6 +75,9 @@ __all__ = [
     "direct_two_dim",
     "block_direct",
     "ordering_region",
+    "true_crossings",
+    "threshold_tightness",
+    "app_l_eq13",
     "ToyReading",
     "PAPER_READING",
     "claims",

@@ -1,4 +1,4 @@
-"""``python -m theory``: regenerate every figure and print the results table.
+"""``python -m theory``: regenerate every figure and ``tightness.md``, and print the results table.
 
 Each row compares a closed form (or a bound, or a claim) from the paper
 against an independent numerical ground truth:
@@ -16,7 +16,6 @@ Numbering is the workshop text's; NeurIPS numbers are in brackets.
 
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import mpmath
 import numpy as np
+
+from ascent_jax.cli import ArgumentParser, check_writable
 
 from . import da_direction, random_forget, single_dim, toy_minima, two_dim
 from .lambertw import INV_E_HI, lambertw
@@ -161,7 +162,39 @@ def f3_rows():
     w_joint, w_it, slope = single_dim.f3_fixed_point_gap([1e-6], a, b, lam)
     meas = (w_it[0] - w_joint) / 1e-6
     rows.append(_claim("App. F.3 [D.3]", "fixed-point shift / eta (eta=1e-6): O(eta)", f"{slope:.6f}", f"{meas:.6f}", abs(meas - slope) < 1e-4, "limit"))
+    # no joint fixed point ((a - b)/(2 lam) < -1/e): the iterated map's fixed point and its stability
+    a, lam, eta = 0.5, 0.5, 1e-6
+    for ratio in (4.0, 5.0):
+        w_fix, guess = single_dim.f3_stabilised_fixed_point([eta], a, ratio * a, lam)
+        if ratio == 4.0:
+            rows.append(_claim("App. F.3 [D.3]", "stabilised fixed pt vs -ln(ln(b/a)/(eta a)), b/a=4, eta=1e-6", f"{guess[0]:.6f}", f"{w_fix[0]:.6f} (Newton)", abs(guess[0] - w_fix[0]) < 1e-4, "limit"))
+        with jax.enable_x64(True):
+            slope_t = float(jax.grad(single_dim.iterated_da_step)(jnp.asarray(w_fix[0]), eta, a, ratio * a, lam))
+        pred = 1 - np.log(ratio) ** 2
+        kind = "attracts" if abs(pred) < 1 else "repels: iterates do not converge"
+        rows.append(_claim("App. F.3 [D.3]", f"T'(w*) -> 1 - ln^2(b/a), b/a={ratio:g}, eta=1e-6", f"{pred:.4f} ({kind})", f"{slope_t:.4f}", abs(slope_t - pred) < 1e-3, "limit"))
     return rows
+
+
+def app_l_rows():
+    """App. L Eq. (13) against a root of Eq. (12) (mpmath) and its printed complex form."""
+    eps, r_lam = 0.9, 10.0
+    w1, w2 = two_dim.app_l_eq13(eps, r_lam)
+    with mpmath.workdps(30):
+        c = mpmath.mpf(eps - 1) / r_lam
+        eq12 = lambda u, v: [u - mpmath.exp(-u - v) * (u - v - 1) * c, v - mpmath.exp(-u - v) * (u - v + 1) * c]
+        root = mpmath.findroot(eq12, (0.01, -0.01))
+
+        def imag_w1(ratio):  # printed Eq. (13), complex arithmetic, at 8(1-eps)^2/(|R|lam)^2 = ratio/e
+            W = mpmath.lambertw(-ratio / mpmath.e)
+            return abs(mpmath.im((W - 1j * mpmath.sqrt(2) * mpmath.sqrt(W)) / 4))
+
+        below, above = imag_w1(1 - 1e-6), imag_w1(1 + 1e-6)
+    return [
+        _eq("App. L [J]", "Eq. (13) w1 (eps=0.9, |R|lam=10) = root of Eq. (12)", w1, root[0]),
+        _eq("App. L [J]", "Eq. (13) w2", w2, root[1]),
+        _claim("App. L [J]", "Eq. (13) complex iff 8(1-eps)^2/(|R|lam)^2 > 1/e", "Im w1 = 0 below, != 0 above", f"{float(below):.1e} at (1-1e-6)/e, {float(above):.1e} at (1+1e-6)/e", below == 0 and above > 0),
+    ]
 
 
 def two_dim_rows():
@@ -209,6 +242,57 @@ def two_dim_rows():
     win = m3 & m4
     rows.append(_claim("Fig. 3 [Fig. 4]", "paper window inside true ordering region", f"{int(win.sum())} grid pts", f"{int((win & true).sum())} in, true region {int(true.sum())} pts", bool(np.all(true[win])), "bound"))
     return rows
+
+
+TIGHT_EPS = np.linspace(0.05, 0.95, 19)
+TIGHT_LAM_D = (1.0, 10.0, 100.0, 1e3, 1e4)
+TIGHT_FRACTIONS = (0.1, 0.3)
+SIGN_EPS = np.linspace(0.01, 0.99, 99)
+
+
+def tightness_report():
+    """Lemmas 3-4 against the true crossings, and the sign of ``alpha^{R>D}`` at small ``lam |D|/|R_ij|``.
+
+    Returns ``(markdown, smallest signed gap)``; a negative gap would be a
+    counterexample to Lemma 3 or 4.
+    """
+    parts = ("eq5", "eq6", "lemma4", "lemma3_x", "lemma3_y", "lemma3")
+    lines = [
+        "# Tightness of Lemmas 3-4 (written by `python -m theory`)",
+        "",
+        "Relative gap between each threshold and the alpha at which the ordering really flips (bisection on direct "
+        "minimisation, `two_dim.threshold_tightness`), median over 19 eps in [0.05, 0.95]. F/D = |F|/|D| and "
+        "lam D/R_ij = lam |D|/|R_ij| are the only parameters. "
+        "Lemma 4: (crossing - threshold)/crossing; Lemma 3: (threshold - crossing)/crossing. A negative gap would be "
+        "a counterexample; `min gap` is the smallest over eps and all parts.",
+        "",
+        "| F/D | lam D/R_ij | Eq. (5) (x, L4) | Eq. (6) (y, L4) | Lemma 4 | Lemma 3 x | Lemma 3 y | Lemma 3 | y part binds L3 for | min gap |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    smallest = np.inf
+    for frac in TIGHT_FRACTIONS:
+        res = two_dim.threshold_tightness(TIGHT_EPS[:, None], np.asarray(TIGHT_LAM_D), frac)
+        binds = TIGHT_EPS[res["lemma3_y"][0][:, 0] > res["lemma3_x"][0][:, 0]]
+        for j, lam_d in enumerate(TIGHT_LAM_D):
+            med = [f"{100 * np.median(res[k][2][:, j]):.3g} %" for k in parts]
+            low = min(float(res[k][2][:, j].min()) for k in parts)
+            smallest = min(smallest, low)
+            lines.append(f"| {frac:g} | {lam_d:g} | " + " | ".join(med) + f" | eps >= {binds.min():.2f} | {low:.2g} |")
+    lines += [
+        "",
+        f"Lemma 4 threshold `alpha^{{R>D}}` (= min of Eqs. (5)-(6)) over {SIGN_EPS.size} eps in [0.01, 0.99]: share of eps "
+        "where it is negative, and number of eps where the window `alpha^{D>DA} <= alpha <= alpha^{R>D}` is non-empty.",
+        "",
+        "| lam D/R_ij | F/D = 0.05 | 0.1 | 0.3 | 0.5 |",
+        "|---|---|---|---|---|",
+    ]
+    for lam_d in (0.1, 1.0, 10.0, 100.0):
+        cells = []
+        for frac in (0.05, 0.1, 0.3, 0.5):
+            b = two_dim.alpha_bounds_2d(SIGN_EPS, 100 * (1 - frac), 100.0, 100 * frac, lam_d / 100)
+            cells.append(f"{100 * np.mean(b.r_gt_d < 0):.1f} % neg., window at {int(np.sum(b.r_gt_d >= b.d_gt_da))}")
+        lines.append(f"| {lam_d:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n", smallest
 
 
 def direction_rows():
@@ -296,7 +380,7 @@ def fig_single_dim(path):
     a = np.linspace(0, 0.4, 401)
     s = single_dim.single_dim_solutions(a, rj, R, F, lam)
     lo, hi = single_dim.lemma2_alpha_range(R, F)
-    fig = Figure(figsize=(9, 3.3), dpi=90)
+    fig = Figure(figsize=(10, 3.6), dpi=90)
     ax = fig.subplots(1, 2)
     ax[0].plot(a, s.pretrain, label="$w^D$ (W0)")
     ax[0].plot(a, np.broadcast_to(s.retrain, a.shape), label="$w^R$ (W0)")
@@ -305,8 +389,9 @@ def fig_single_dim(path):
     ax[0].axvspan(lo, hi, color="C2", alpha=0.1)
     ax[0].set_ylim(-3, 1)
     ax[0].set_xlabel(r"$\alpha=|F_j|/|R_j|$")
-    ax[0].legend(fontsize=7)
-    ax[0].set_title("Lemma 5 (lines) — shaded: Lemma 2 range", fontsize=9)
+    ax[0].set_ylabel(r"stationary point $w_j$")
+    ax[0].legend(fontsize=8)
+    ax[0].set_title(f"Lemma 5, S1: |R|={R}, |F|={F}, $|R_j|$={rj}, λ={lam:g}; shaded: Lemma 2 range", fontsize=9)
     p_closed = s.pretrain - s.retrain
     prod = (np.where(s.n_da > 0, s.da_min, np.nan) - s.pretrain) * p_closed
     ax[1].plot(a, prod, "k-", label="closed form")
@@ -314,8 +399,9 @@ def fig_single_dim(path):
     ax[1].axhline(0, color="0.5", lw=0.5)
     ax[1].axvspan(lo, hi, color="C2", alpha=0.1)
     ax[1].set_xlabel(r"$\alpha$")
-    ax[1].set_title(r"$(w^{DA}-w^D)(w^D-w^R)$; DA diverges right of the last dot", fontsize=9)
-    ax[1].legend(fontsize=7)
+    ax[1].set_ylabel(r"$(w^{DA}-w^D)(w^D-w^R)$")
+    ax[1].set_title("Lemma 2 product (S1); DA diverges right of the last dot", fontsize=9)
+    ax[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -323,31 +409,37 @@ def fig_single_dim(path):
 def fig_corollary_f3(path):
     from matplotlib.figure import Figure
 
+    n_r, n_f = 50, 10
     lams = np.logspace(0, -6, 13)
-    rows = single_dim.corollary1_table(lams, 50, 10)
-    fig = Figure(figsize=(11, 3.2), dpi=90)
+    rows = single_dim.corollary1_table(lams, n_r, n_f)
+    fig = Figure(figsize=(12, 3.6), dpi=90)
     ax = fig.subplots(1, 3)
     ax[0].semilogx(lams, [r["delta_rda_closed"] for r in rows], "k-", label=r"$\Delta_{R,DA}$ closed")
     ax[0].semilogx(lams, [r["delta_rda_direct"] for r in rows], "C3o", ms=3, label="direct")
     ax[0].semilogx(lams, [r["delta_rd_direct"] for r in rows], "C0s", ms=3, label=r"$\Delta_{R,D}$ direct (=0)")
     ax[0].invert_xaxis()
     ax[0].set_xlabel(r"$\lambda$")
-    ax[0].set_title(r"Cor. 1 at $\alpha=|F|/|R|$", fontsize=9)
-    ax[0].legend(fontsize=7)
+    ax[0].set_ylabel("distance")
+    ax[0].set_title(rf"Cor. 1: $|R|=|R_j|={n_r}$, $|F|={n_f}$, $\alpha=|F|/|R|$", fontsize=9)
+    ax[0].legend(fontsize=8)
     a, b, lam, w = 0.5, 0.25, 1.0, 0.2
     etas = np.logspace(-1, -6, 11)
     err = single_dim.f3_step_error(w, etas, a, b, lam)
-    ax[1].loglog(etas, err, "o-", ms=3, label="|iterated - joint(2λ)|")
-    ax[1].loglog(etas, abs(single_dim.f3_eta2_coefficient(w, a, b, lam)[0]) * etas**2, "k--", label=r"exact $\eta^2$ term")
+    exact, paper, _ = single_dim.f3_eta2_coefficient(w, a, b, lam)
+    ax[1].loglog(etas, err, "o-", ms=3, label="measured |iterated - joint(2λ)|")
+    ax[1].loglog(etas, abs(exact) * etas**2, "k--", label=rf"exact term $\eta^2 g_1(b e^{{-w}}-\lambda)$ = {exact:.3f}$\eta^2$")
+    ax[1].loglog(etas, abs(paper) * etas**2, "C3:", lw=2, label=rf"paper's printed $\eta^2 b e^{{-w}} g_1$ = {paper:+.3f}$\eta^2$")
     ax[1].set_xlabel(r"$\eta$")
-    ax[1].set_title("App. F.3: one step, O(η²)", fontsize=9)
-    ax[1].legend(fontsize=7)
+    ax[1].set_ylabel("|one-step difference|")
+    ax[1].set_title(f"App. F.3, one step (a={a:g}, b={b:g}, λ={lam:g}, w={w:g})", fontsize=9)
+    ax[1].legend(fontsize=8)
     w_joint, w_it, slope = single_dim.f3_fixed_point_gap(etas, a, b, lam)
     ax[2].loglog(etas, np.abs(w_it - w_joint), "o-", ms=3, label="|fixed pt iterated - joint|")
-    ax[2].loglog(etas, abs(slope) * etas, "k--", label="predicted O(η) slope")
+    ax[2].loglog(etas, abs(slope) * etas, "k--", label=f"predicted O(η): {abs(slope):.3f} η")
     ax[2].set_xlabel(r"$\eta$")
+    ax[2].set_ylabel("fixed-point shift")
     ax[2].set_title("App. F.3: fixed points differ at O(η)", fontsize=9)
-    ax[2].legend(fontsize=7)
+    ax[2].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -391,18 +483,22 @@ def format_table(rows):
     return "\n".join(out)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m theory", description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+    """Print the results table; write the figures and ``tightness.md`` to ``--out`` unless ``--no-figures``."""
+    parser = ArgumentParser(prog="python -m theory", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(FIG_DIR), help="figure directory (default: theory/figures)")
-    parser.add_argument("--no-figures", action="store_true")
+    parser.add_argument("--no-figures", action="store_true", help="print the table only")
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: the loader's)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     figures = not args.no_figures
     if figures:
+        check_writable(out)
         out.mkdir(parents=True, exist_ok=True)
 
-    rows = lambertw_rows() + single_dim_rows() + f3_rows() + two_dim_rows() + direction_rows()
+    rows = lambertw_rows() + single_dim_rows() + f3_rows() + two_dim_rows() + app_l_rows() + direction_rows()
+    tightness, smallest_gap = tightness_report()
+    rows.append(_claim("L3, L4 [L9, L10]", "vs true crossings (bisection), see tightness.md", "signed gap >= 0", f"min gap {smallest_gap:.2g}", smallest_gap >= -1e-9, "bound"))
 
     toy_lams = (0.01, 0.03, 0.1, 0.3)
     literal = toy_minima.claims(toy_minima.PAPER_READING)
@@ -411,7 +507,7 @@ def main(argv=None):
     search = toy_minima.search_readings(lams=toy_lams)
     at_paper_lam = [r for r in search if r["reading"].lam == 0.1]
     n_rep = sum(r["reproduced"] for r in at_paper_lam)
-    rows.append(_claim("App. B [Sec. 5.2]", f"search: readings reproducing at lam=0.1", ">= 1", f"{n_rep} of {len(at_paper_lam)}", n_rep >= 1))
+    rows.append(_claim("App. B [Sec. 5.2]", "search: readings reproducing at lam=0.1", ">= 1", f"{n_rep} of {len(at_paper_lam)}", n_rep >= 1))
     counts = {}
     for r in search:
         key = r["reading"].label().rsplit(", lam=", 1)[0]
@@ -440,6 +536,7 @@ def main(argv=None):
         toy_minima.plot_landscapes(literal, out / "toy_landscape_literal.png")
         toy_minima.plot_landscapes(reproducing, out / "toy_landscape_reproducing.png")
         fig_toy_search(search, toy_lams, out / "toy_reading_search.png")
+        (out / "tightness.md").write_text(tightness)
 
     print(format_table(rows))
     eq_bad = [r for r in rows if r.kind == "equality" and not r.ok]
@@ -448,6 +545,8 @@ def main(argv=None):
     for r in at_paper_lam:
         if r["reproduced"]:
             print("  ", r["reading"].label())
+    print()
+    print(tightness)
     if figures:
-        print(f"figures written to {out}{os.sep}")
-    return rows
+        print(f"figures and tightness.md written to {out}{os.sep}")
+    return 0

@@ -367,15 +367,18 @@ def f3_stabilised_fixed_point(etas, a, b, lam):
     """Iterated DA where the joint update has no fixed point (``(a-b)/(2 lam) < -1/e``).
 
     App. F.3 says the ``eta^2`` term "stops the algorithm's solution from
-    diverging". It does: the iterated map keeps a fixed point. But the fixed
-    point sits near ``w ~ -log((b - a) / (eta a b))``, which runs to ``-inf``
-    like ``log eta`` as ``eta -> 0``. Returns ``(w_fixed[etas],
-    asymptotic[etas])``, the fixed point found by Newton from the asymptotic
-    guess.
+    diverging". The iterated map does keep a fixed point, at
+    ``w ~ -ln(ln(b/a) / (eta a))``: there the descent half-step lifts ``w`` by
+    ``eta a e^{-w} = ln(b/a)``, just enough for the ascent gradient
+    ``b e^{-u}`` to cancel the descent gradient ``a e^{-w}`` (the ridge terms
+    are O(eta ln eta)). It runs to ``-inf`` like ``ln eta`` as ``eta -> 0``.
+    Its slope ``T'(w*) -> 1 - ln(b/a)^2``, so it attracts only for
+    ``b/a < e^sqrt(2)``. Returns ``(w_fixed[etas], asymptotic[etas])``, the
+    fixed point found by Newton on ``T(w) - w`` from the asymptotic guess.
     """
     if not (a - b) / (2.0 * lam) < -float(np.exp(-1.0)):
         raise ValueError("this regime needs (a - b) / (2 lam) < -1/e (no joint fixed point)")
     etas = np.asarray(etas, float)
-    guess = -np.log((b - a) / (etas * a * b))
+    guess = -np.log(np.log(b / a) / (etas * a))
     with jax.enable_x64(True):
         return _iterated_fixed_points(etas, a, b, lam, guess), guess

@@ -296,10 +296,13 @@ def search_readings(lams=(0.1,), n=(241, 121)):
 
 
 def plot_landscapes(result: dict, path):
-    """Contours of the pretrain, retrain and GDA losses with minima and paths (Fig. 4/5).
+    """Filled contours of the pretrain, retrain and GDA losses with minima and paths (Fig. 4/5).
 
-    Marks: x = global minimum, o = local minimum; the arrows show
-    pretrain -> GDA -> fine-tune on R.
+    Marks: x = global minimum, o = local minimum, each labelled with its
+    decision pattern. Red arrows (with a dot at the start and a square at
+    the end) show pretrain -> GDA (GDA panel) and GDA -> fine-tune on R
+    (retrain panel), with the distance moved, because a short path would
+    otherwise be invisible. The verdict and C1-C4 head the figure.
     """
     from matplotlib.figure import Figure
 
@@ -309,24 +312,39 @@ def plot_landscapes(result: dict, path):
     hi = pts.max(0) + 1.5
     A = np.linspace(lo[0], hi[0], 201)
     B = np.linspace(lo[1], hi[1], 201)
-    fig = Figure(figsize=(10, 3.2), dpi=72)
+    fig = Figure(figsize=(14, 4.8), dpi=80)
     axes = fig.subplots(1, 3)
+    paths = {"gda": (pts[0], pts[1], "pretrain min -> GDA end"), "retrain": (pts[1], pts[2], "GDA end -> fine-tune end")}
     with jax.enable_x64(True):
         for ax, problem in zip(axes, ("pretrain", "retrain", "gda")):
             Z = np.asarray(_grid_loss(jnp.asarray(A), jnp.asarray(B), *_args(reading, problem))).T
-            ax.contour(A, B, Z, levels=20, linewidths=0.5, cmap="viridis")
+            filled = ax.contourf(A, B, Z, levels=20, cmap="viridis")
+            ax.contour(A, B, Z, levels=filled.levels, colors="k", linewidths=0.3)
+            fig.colorbar(filled, ax=ax).set_label(f"{problem} loss", fontsize=11)
             for idx, (th, _) in enumerate(result["minima"][problem]):
                 if lo[0] <= th[0] <= hi[0] and lo[1] <= th[1] <= hi[1]:
-                    ax.plot(*th, "kx" if idx == 0 else "ko", mfc="none", ms=8)
-                    ax.annotate(decision_pattern(th, reading), th, textcoords="offset points", xytext=(4, 4), fontsize=7)
-            ax.set_title(problem, fontsize=9)
-            ax.set_xlabel("a")
-    axes[0].set_ylabel("b")
-    axes[2].annotate("", pts[1], pts[0], arrowprops=dict(arrowstyle="->", color="C3"))
-    axes[1].annotate("", pts[2], pts[1], arrowprops=dict(arrowstyle="->", color="C3"))
-    verdict = "reproduced" if result["reproduced"] else "not reproduced"
-    fig.suptitle(f"{reading.label()}  [{verdict}]", fontsize=8)
-    fig.tight_layout()
+                    ax.plot(*th, "wx" if idx == 0 else "wo", mfc="none", ms=12, mew=2)
+                    ax.annotate(decision_pattern(th, reading), th, textcoords="offset points", xytext=(8, 8), fontsize=11,
+                                bbox=dict(boxstyle="round", fc="w", alpha=0.8))
+            if problem in paths:
+                start, end, what = paths[problem]
+                ax.plot(*start, "o", color="r", ms=7)
+                ax.plot(*end, "s", color="r", ms=7)
+                ax.annotate("", end, start, arrowprops=dict(arrowstyle="-|>", color="r", lw=2.5, mutation_scale=20))
+                # a callout to the end point, so that a very short path is still found
+                ax.annotate(f"{what}:\nmoves {np.linalg.norm(end - start):.3g}", end, xytext=(0.04, 0.06), textcoords="axes fraction",
+                            fontsize=10, color="r", bbox=dict(boxstyle="round", fc="w", alpha=0.9),
+                            arrowprops=dict(arrowstyle="->", color="r", lw=1.2, ls="--"))
+            ax.set_title(f"{problem} loss", fontsize=12)
+            ax.set_xlabel("a", fontsize=11)
+            ax.tick_params(labelsize=10)
+    axes[0].set_ylabel("b", fontsize=11)
+    verdict = "REPRODUCED" if result["reproduced"] else "NOT REPRODUCED"
+    marks = "  ".join(f"C{i} {'yes' if result[f'c{i}'] else 'NO'}" for i in range(1, 5))
+    fig.suptitle(f"App. B toy, {reading.label()}: {verdict} ({marks})", fontsize=13, fontweight="bold")
+    fig.text(0.5, 0.005, "x global minimum, o local minimum (label: decision pattern); red: path from dot to square",
+             ha="center", va="bottom", fontsize=11)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path)
     return fig
 

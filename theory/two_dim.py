@@ -16,7 +16,9 @@ are App. K's equations. The module provides:
   ``alpha^{D>DA}`` and ``alpha^{R>D}`` (``alpha_bounds_2d``, Eqs. (5)-(6)
   generalised to any ``|R_ij|``);
 * Lemma 13 [12]: ``y^D <= x^D`` for ``alpha <= 1``;
-* Fig. 3 [Fig. 4]: ``plot_fig3``.
+* Fig. 3 [Fig. 4]: ``plot_fig3``;
+* how tight Lemmas 3-4 are: ``true_crossings``, ``threshold_tightness``;
+* App. L [J] Eq. (13): ``app_l_eq13``.
 
 The ground truth is Newton on an explicit data set (``two_dim_dataset``,
 ``direct_two_dim``).
@@ -44,6 +46,9 @@ __all__ = [
     "direct_two_dim",
     "block_direct",
     "ordering_region",
+    "true_crossings",
+    "threshold_tightness",
+    "app_l_eq13",
     "plot_fig3",
 ]
 
@@ -228,6 +233,86 @@ def ordering_region(eps, alpha, n_retain, n_forget, lam):
     (xd, yd, _), (xr, yr, _), (xa, ya, div) = r["pretrain"], r["retrain"], r["da"]
     xa, ya = np.where(div, -np.inf, xa), np.where(div, -np.inf, ya)
     return (xr >= xd) & (xd >= xa) & (yr >= yd) & (yd >= ya)
+
+
+def true_crossings(eps, lam_d, forget_fraction, n_bisect=40):
+    """The alphas at which each ordering really flips, by bisection on ``block_direct``.
+
+    Sizes are in units of ``|R_ij|`` with ``|D| = 100`` (only ``lam |D|/|R_ij|``
+    = ``lam_d`` and ``|F|/|D|`` matter). ``x^D, y^D`` grow with alpha and
+    ``x^DA, y^DA`` fall, so each ordering flips once: ``R >= D`` holds below
+    ``x_r_gt_d`` (``y_r_gt_d``), ``D >= DA`` above ``x_d_gt_da``
+    (``y_d_gt_da``); a diverging DA run counts as ``-inf``. The bracket grows by
+    doubling from alpha = 1. Returns a dict of arrays shaped like
+    ``broadcast(eps, lam_d)``.
+    """
+    eps, lam_d = np.broadcast_arrays(np.asarray(eps, float), np.asarray(lam_d, float))
+    n_f = 100.0 * forget_fraction
+    below = np.array([True, True, False, False]).reshape((4,) + (1,) * eps.ndim)  # R>D parts hold below the crossing
+
+    def holds(alpha):
+        r = block_direct(eps[None], alpha, 100.0 - n_f, n_f, lam_d[None] / 100.0)
+        (xd, yd, _), (xr, yr, _), (xa, ya, dv) = r["pretrain"], r["retrain"], r["da"]
+        xa, ya = np.where(dv, -np.inf, xa), np.where(dv, -np.inf, ya)
+        return np.stack([xr[0] >= xd[0], yr[1] >= yd[1], xd[2] >= xa[2], yd[3] >= ya[3]])
+
+    lo, hi = np.zeros((4,) + eps.shape), np.ones((4,) + eps.shape)
+    for _ in range(60):
+        past = holds(hi) != below
+        if past.all():
+            break
+        lo, hi = np.where(past, lo, hi), np.where(past, hi, 2.0 * hi)
+    else:
+        raise ValueError("an ordering did not flip below alpha = 2**60")
+    for _ in range(n_bisect):
+        mid = 0.5 * (lo + hi)
+        right = holds(mid) == below
+        lo, hi = np.where(right, mid, lo), np.where(right, hi, mid)
+    keys = ("x_r_gt_d", "y_r_gt_d", "x_d_gt_da", "y_d_gt_da")
+    return dict(zip(keys, 0.5 * (lo + hi)))
+
+
+def threshold_tightness(eps, lam_d, forget_fraction, n_bisect=40):
+    """Each threshold of Lemmas 3-4 against the true crossing (``true_crossings``).
+
+    Returns ``{part: (threshold, crossing, gap)}`` for ``eq5`` (x part of
+    Lemma 4), ``eq6`` (y part), ``lemma4`` (their min), ``lemma3_x``,
+    ``lemma3_y`` and ``lemma3`` (their max). ``gap`` is the relative distance
+    to the crossing, signed so that a sufficient threshold has ``gap >= 0``:
+    ``(crossing - threshold)/crossing`` for Lemma 4 and
+    ``(threshold - crossing)/crossing`` for Lemma 3. A negative gap would be
+    a counterexample.
+    """
+    c = true_crossings(eps, lam_d, forget_fraction, n_bisect)
+    n_f = 100.0 * forget_fraction
+    b = alpha_bounds_2d(eps, 100.0 - n_f, 100.0, n_f, np.asarray(lam_d, float) / 100.0)
+    shape = c["x_r_gt_d"].shape
+    b = AlphaBounds2D(*(np.broadcast_to(v, shape) for v in b))
+    parts = {
+        "eq5": (b.r_gt_d_x, c["x_r_gt_d"], 1),
+        "eq6": (b.r_gt_d_y, c["y_r_gt_d"], 1),
+        "lemma4": (b.r_gt_d, np.minimum(c["x_r_gt_d"], c["y_r_gt_d"]), 1),
+        "lemma3_x": (b.d_gt_da_x, c["x_d_gt_da"], -1),
+        "lemma3_y": (b.d_gt_da_y, c["y_d_gt_da"], -1),
+        "lemma3": (b.d_gt_da, np.maximum(c["x_d_gt_da"], c["y_d_gt_da"]), -1),
+    }
+    return {k: (t, x, sign * (x - t) / x) for k, (t, x, sign) in parts.items()}
+
+
+def app_l_eq13(eps, r_lam):
+    """App. L [J] Eq. (13), the eps -> 1 DA weights ``(w1, w2)``, with ``r_lam = |R| lam``.
+
+    ``W = W0(-8 (1-eps)^2 / r_lam^2)`` lies in ``[-1, 0]`` whenever it is
+    real, so the printed ``i sqrt(2) sqrt(W)`` equals the real
+    ``-sqrt(-2 W)``: ``w1 = (W + sqrt(-2W))/4``, ``w2 = (W - sqrt(-2W))/4``.
+    The weights are complex (NaN here) only for
+    ``8 (1-eps)^2 / r_lam^2 > 1/e``, where W0 leaves the real line.
+    """
+    with jax.enable_x64(True):
+        eps, r_lam = (jnp.asarray(v, jnp.float64) for v in (eps, r_lam))
+        w = lambertw(-8.0 * (1.0 - eps) ** 2 / r_lam**2)
+        root = jnp.sqrt(-2.0 * w)
+        return np.asarray((w + root) / 4.0), np.asarray((w - root) / 4.0)
 
 
 def plot_fig3(path, n_total=100.0, lam=1.0, forget_fractions=(0.05, 0.1, 0.2, 0.3), n_eps=300, n_region=(99, 101)):
