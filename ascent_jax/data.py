@@ -140,7 +140,12 @@ def load(name: str, split: str, data_dir: PathLike | None = None) -> Arrays:
 
 def _existing_dir(data_dir: PathLike, dataset: str) -> Path:
     path = Path(data_dir).expanduser()
-    if not path.is_dir():
+    try:
+        is_dir = path.is_dir()
+    except OSError as error:  # e.g. a name too long for the file system
+        raise FileNotFoundError(f"data_dir {path} cannot be accessed ({error.strerror or error}); "
+                                f"pass the folder that holds the {dataset} files") from None
+    if not is_dir:
         raise FileNotFoundError(f"data_dir {path} does not exist or is not a directory; "
                                 f"pass the folder that holds the {dataset} files")
     return path
@@ -319,7 +324,8 @@ def _read_cifar10_python(directory: Path, split: str) -> Arrays:
                      else type(data).__name__)
             raise ValueError(f"{path}: b'data' is a {found}, expected a uint8 array of shape "
                              f"(n, {_CIFAR10_PIXELS}); extract {CIFAR10_PYTHON_TAR} again")
-        if not isinstance(batch_labels, list) or len(batch_labels) != len(data):
+        if (not isinstance(batch_labels, list) or len(batch_labels) != len(data)
+                or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in batch_labels)):
             raise ValueError(f"{path}: b'labels' must be a list of {len(data)} ints, one per "
                              f"row of b'data'; extract {CIFAR10_PYTHON_TAR} again")
         labels.append(_checked_labels(np.asarray(batch_labels), CIFAR10.num_classes, path))
@@ -329,6 +335,9 @@ def _read_cifar10_python(directory: Path, split: str) -> Arrays:
 
 def _cifar10_batch_path(directory: Path, file_name: str, tarball: str) -> Path:
     path = directory / file_name
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{path} is not a file, so {directory} is not an extracted CIFAR-10 folder; delete that "
+                         f"folder and extract {tarball} again")
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing, so {directory} is incomplete; delete that "
                                 f"folder and extract {tarball} again")
@@ -347,6 +356,9 @@ def _extract_tarball(archive: Path, folder: str) -> Path:
     archive leaves no half-extracted ``folder`` behind.
     """
     target = archive.parent / folder
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise ValueError(f"{target} is a file, not the folder of extracted CIFAR-10 batches, so {archive.name} "
+                         f"cannot be extracted beside it; remove or rename {target}")
     try:
         staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=archive.parent))
     except OSError as error:
@@ -360,18 +372,22 @@ def _extract_tarball(archive: Path, folder: str) -> Path:
             raise ValueError(f"{archive}: refusing to extract member {error.tarinfo.name!r} "
                              f"({error}); this is not an official CIFAR-10 archive, download "
                              f"it again from {CIFAR10_URL}") from error
-        except (tarfile.TarError, EOFError, zlib.error) as error:
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as error:
             raise ValueError(f"{archive} is not a readable tar.gz archive ({error}); download "
                              f"it again from {CIFAR10_URL}") from error
+        except OSError as error:  # e.g. the disk is full
+            raise ValueError(f"cannot extract {archive} into {archive.parent} ({error.strerror or error}); free "
+                             "space there, or extract it yourself and pass that folder as data_dir") from error
         extracted = staging / folder
         if not extracted.is_dir():
             raise ValueError(f"{archive} has no {folder}/ folder; it is not the official "
                              f"archive, download it again from {CIFAR10_URL}")
         try:
             extracted.rename(target)
-        except OSError:
+        except OSError as error:
             if not target.is_dir():  # another process may have extracted it meanwhile
-                raise
+                raise ValueError(f"cannot move the extracted {folder}/ to {target} ({error.strerror or error}); "
+                                 f"remove {target} if it is there, or extract {archive.name} yourself") from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
@@ -408,18 +424,17 @@ class _CifarUnpickler(pickle.Unpickler):
 
 
 def _unpickle_cifar_batch(path: Path) -> object:
-    with open(path, "rb") as file:
-        try:
+    try:
+        with open(path, "rb") as file:
             return _CifarUnpickler(file, encoding="bytes").load()
-        except _ForbiddenGlobalError as error:
-            raise ValueError(f"{path}: refusing to unpickle, it references "
-                             f"{error.qualified_name}, which CIFAR-10 batches never do; the file "
-                             f"is not an official CIFAR-10 pickle (possibly malicious), extract "
-                             f"{CIFAR10_PYTHON_TAR} from {CIFAR10_URL} again") from error
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-                IndexError, KeyError, OverflowError) as error:
-            raise ValueError(f"{path} is a corrupt pickle ({type(error).__name__}: {error}); "
-                             f"extract {CIFAR10_PYTHON_TAR} again") from error
+    except _ForbiddenGlobalError as error:
+        raise ValueError(f"{path}: refusing to unpickle, it references {error.qualified_name}, which the "
+                         f"official CIFAR-10 batches never do (they only rebuild numpy arrays), so it is not one "
+                         f"of them; extract {CIFAR10_PYTHON_TAR} from {CIFAR10_URL} again") from error
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+            KeyError, OverflowError, MemoryError, RecursionError) as error:  # MemoryError: a huge length field
+        detail = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        raise ValueError(f"{path} is a corrupt pickle ({detail}); extract {CIFAR10_PYTHON_TAR} again") from error
 
 
 def _import_tfds() -> ModuleType | None:

@@ -20,8 +20,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
+import math
 import os
+import pickle
+import pickletools
 import shutil
 import sys
 import time
@@ -109,37 +113,132 @@ def build_sets(recipes: list[Recipe], subset: np.ndarray, scores: np.ndarray | N
     return sets
 
 
+_SHOWN_CHARS = 40  # a shown value longer than this is cut
+_INDEX_FORMATS = ("a 1-D integer array saved with numpy.save (.npy), whole numbers in a .txt file "
+                  "or a .json list of them")
+
+
+def _shown(value) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
+        return f"{'-' if value < 0 else ''}<a {math.floor(math.log10(abs(value))) + 1}-digit number>"
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
+
+
 def _fail(path, what: str, values) -> None:
-    shown = ", ".join(repr(v) if isinstance(v, str) else str(v) for v in list(values)[:5])
+    shown = ", ".join(_shown(v) for v in list(values)[:5])
     more = f" (and {len(values) - 5} more)" if len(values) > 5 else ""
     raise ValueError(f"forget set file {path}: {what}: [{shown}]{more}")
 
 
+def _int_token(text: str) -> int:
+    """A whole number written in decimal; one too long for ``int`` (over 4300 digits) keeps its sign and size."""
+    try:
+        return int(text)
+    except ValueError:
+        digits = text.strip().lstrip("+-")
+        if not digits.isdigit() or not digits.isascii():
+            raise
+        significant = len(digits.lstrip("0"))
+        return 0 if not significant else (-1 if text.strip().startswith("-") else 1) * 10 ** (significant - 1)
+
+
+def _looks_like_pickle(head: bytes) -> bool:
+    """Whether ``head`` (a file's first bytes) is a pickle, judged from its opcodes without unpickling."""
+    if len(head) >= 2 and head[0] == pickle.PROTO and 2 <= head[1] <= pickle.HIGHEST_PROTOCOL:
+        return True
+    try:
+        for _ in pickletools.genops(io.BytesIO(head)):
+            pass
+    except Exception:  # noqa: BLE001 -- any parse error: not a (complete) pickle
+        return False
+    return True
+
+
+def _read_npy(path: Path) -> list:
+    """The items of a 1-D ``.npy`` array, its header checked first: no pickles, no sizes beyond the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(1 << 16)
+        if not head:
+            raise ValueError(f"forget set file {path}: the file is empty (0 bytes); expected {_INDEX_FORMATS}")
+        if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+            raise ValueError(f"forget set file {path}: not a .npy array file but a zip archive (an .npz?); save one "
+                             "1-D integer array with numpy.save(file, indices), or write the indices as .txt or .json")
+        if not head.startswith(b"\x93NUMPY"):
+            if _looks_like_pickle(head):
+                raise ValueError(f"forget set file {path}: holds a Python pickle, and pickles are not accepted; save "
+                                 "the indices with numpy.save(file, indices) (an integer array, no pickling) or write "
+                                 "them as .txt or .json")
+            raise ValueError(f"forget set file {path}: not a valid index array (no .npy header); expected "
+                             f"{_INDEX_FORMATS}")
+        handle.seek(0)
+        try:
+            version = np.lib.format.read_magic(handle)
+            if version not in ((1, 0), (2, 0), (3, 0)):
+                raise ValueError(f"unknown .npy format version {version[0]}.{version[1]}")
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read_header(handle)
+        except (ValueError, EOFError) as error:
+            raise ValueError(f"forget set file {path}: not a valid .npy file ({error}); save the indices again with "
+                             "numpy.save(file, indices)") from None
+        data_bytes = size - handle.tell()
+    if dtype.hasobject:
+        raise ValueError(f"forget set file {path}: holds an array of Python objects, which would need unpickling, "
+                         "and such arrays are not accepted; save the indices as an integer array with "
+                         "numpy.save(file, indices) or write them as .txt or .json")
+    if dtype.itemsize == 0:
+        raise ValueError(f"forget set file {path}: holds items of type {dtype}, which have no data; expected "
+                         f"{_INDEX_FORMATS}")
+    needed = math.prod(shape) * dtype.itemsize
+    if data_bytes < needed:
+        raise ValueError(f"forget set file {path}: truncated .npy file: its header declares shape {shape} of "
+                         f"{dtype} ({needed} bytes) but {data_bytes} bytes follow it; save it again")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, EOFError) as error:
+        raise ValueError(f"forget set file {path}: not a valid .npy file ({error}); save the indices again with "
+                         "numpy.save(file, indices)") from None
+    if array.ndim != 1:
+        raise ValueError(f"forget set file {path}: expected a 1-D array, got shape {array.shape}")
+    return array.tolist()
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")  # a byte-order mark (Windows editors) is no problem
+    except UnicodeDecodeError as error:
+        raise ValueError(f"forget set file {path}: not a UTF-8 text file (byte 0x{raw[error.start]:02x} at offset "
+                         f"{error.start}); expected {_INDEX_FORMATS}") from None
+
+
 def _read_values(path: Path) -> list:
     suffix = path.suffix.lower()
+    if suffix not in (".npy", ".txt", ".json"):
+        raise ValueError(f"forget set file {path}: unsupported format {suffix!r}; use .npy, .txt or .json")
     try:
         if suffix == ".npy":
-            try:
-                array = np.load(path, allow_pickle=False)
-            except ValueError as error:
-                raise ValueError(f"forget set file {path}: cannot read it: {error}") from None
-            if array.ndim != 1:
-                raise ValueError(f"forget set file {path}: expected a 1-D array, got shape {array.shape}")
-            return array.tolist()
-        text = path.read_text()
-        if suffix == ".json":
-            values = json.loads(text)
-            if isinstance(values, dict) and "indices" in values:
-                values = values["indices"]
-            if not isinstance(values, list):
-                raise ValueError(f"forget set file {path}: expected a JSON list of indices "
-                                 f"(or an object with an 'indices' list), got {type(values).__name__}")
-            return values
-        if suffix == ".txt":
-            return text.replace(",", " ").split()
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            return _read_npy(path)
+        text = _read_text(path)
+    except OSError as error:
+        raise ValueError(f"forget set file {path}: cannot read it: {error.strerror or error}") from None
+    if suffix == ".txt":
+        return text.replace(",", " ").split()
+    try:
+        values = json.loads(text, parse_int=_int_token)
+    except json.JSONDecodeError as error:
         raise ValueError(f"forget set file {path}: cannot read it: {error}") from None
-    raise ValueError(f"forget set file {path}: unsupported format {suffix!r}; use .npy, .txt or .json")
+    except RecursionError:
+        raise ValueError(f"forget set file {path}: cannot read it: JSON nested too deeply; expected a list of "
+                         "indices") from None
+    if isinstance(values, dict) and "indices" in values:
+        values = values["indices"]
+    if not isinstance(values, list):
+        raise ValueError(f"forget set file {path}: expected a JSON list of indices "
+                         f"(or an object with an 'indices' list), got {type(values).__name__}")
+    return values
 
 
 def _as_int(value):
@@ -151,7 +250,7 @@ def _as_int(value):
         return int(value)
     if isinstance(value, str):
         try:
-            return int(value)
+            return _int_token(value)
         except ValueError:
             return None
     return None
@@ -162,12 +261,21 @@ def load_index_file(path: str | os.PathLike, num_points: int) -> np.ndarray:
     separated, ``.json`` list): returns sorted int64 indices into a split of ``num_points``.
 
     Raises ``FileNotFoundError`` for a missing file and a one-line ``ValueError`` naming the
-    file and the offending values for empty, non-integer, negative, out-of-range or
-    duplicate indices.
+    file for anything else: a folder, an unreadable, empty, pickled or malformed file, and
+    non-integer, negative, out-of-range or duplicate indices (with the offending values).
     """
     path = Path(path)
-    if not path.is_file():
+    try:
+        exists, is_file, is_dir = path.exists(), path.is_file(), path.is_dir()
+    except OSError as error:  # e.g. a name too long for the file system
+        raise ValueError(f"forget set file {path}: cannot access it: {error.strerror or error}") from None
+    if not exists:
         raise FileNotFoundError(f"forget set file {path} does not exist")
+    if is_dir:
+        raise ValueError(f"forget set file {path} is a directory, but a file is expected; pass the index file "
+                         "(.npy, .txt or .json) itself")
+    if not is_file:
+        raise ValueError(f"forget set file {path} is not a regular file; pass an index file (.npy, .txt or .json)")
     values = _read_values(path)
     if not values:
         raise ValueError(f"forget set file {path}: contains no indices")
@@ -184,6 +292,58 @@ def load_index_file(path: str | os.PathLike, num_points: int) -> np.ndarray:
     if (counts > 1).any():
         _fail(path, "duplicate indices", unique[counts > 1].tolist())
     return unique
+
+
+def read_manifest(directory: str | os.PathLike) -> dict | None:
+    """The validated ``forget_sets.json`` manifest of a folder of forget sets (what this CLI writes to ``--out``).
+
+    Returns None when ``directory`` or its manifest does not exist (no datamodel sets there). Raises a one-line
+    ``ValueError`` when ``directory`` is a file, or when the manifest cannot be read or is not an object with a
+    ``provenance`` object and a ``sets`` object mapping each set name to an entry with a ``file`` name (of an
+    index file in ``directory``). The sets themselves are read by :func:`load_index_file`.
+    """
+    directory = Path(directory)
+    path = directory / MANIFEST
+    fix = ("write the folder again with python -m ascent_jax.forget_sets (or its --import), or pass another folder of "
+           "forget sets")
+    try:
+        blocker = next((p for p in (directory, *directory.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            what = ("is a file, not a folder of forget sets" if blocker == directory
+                    else f"is not a folder of forget sets: {blocker} is a file")
+            raise ValueError(f"{directory} {what}; pass the folder that holds {MANIFEST} and the sets' .npy files "
+                             "(the --out of python -m ascent_jax.forget_sets)")
+        if not path.exists():
+            return None
+        if not path.is_file():
+            raise ValueError(f"forget-sets manifest {path} is not a file; {fix}")
+        manifest = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except OSError as error:
+        raise ValueError(f"forget-sets manifest {path}: cannot read it: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"forget-sets manifest {path} is not a JSON text file; {fix}") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"forget-sets manifest {path} is not valid JSON ({error}); {fix}") from None
+    except RecursionError:
+        raise ValueError(f"forget-sets manifest {path} is not valid JSON (nested too deeply); {fix}") from None
+
+    def wrong(what: str) -> ValueError:
+        return ValueError(f"forget-sets manifest {path}: {what}; {fix}")
+
+    def kind(value) -> str:
+        return {dict: "an object", list: "a list", str: "a string"}.get(type(value), type(value).__name__)
+
+    if not isinstance(manifest, dict):
+        raise wrong(f"expected a JSON object with 'provenance' and 'sets', got {kind(manifest)}")
+    for key in ("provenance", "sets"):
+        if key not in manifest:
+            raise wrong(f"has no {key!r} entry")
+        if not isinstance(manifest[key], dict):
+            raise wrong(f"{key!r} must be an object, got {kind(manifest[key])}")
+    for name, entry in manifest["sets"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or not entry["file"]:
+            raise wrong(f"set {name!r} must be an object with a 'file' name, got {json.dumps(entry)[:_SHOWN_CHARS]}")
+    return manifest
 
 
 def class_histogram(indices: np.ndarray, labels: np.ndarray, num_classes: int) -> list[int]:

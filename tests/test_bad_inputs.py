@@ -8,8 +8,11 @@ a single ``error:`` line on stderr, no traceback, nothing on stdout and no outpu
 from __future__ import annotations
 
 import gzip
+import io
+import json
 import math
 import os
+import pickle
 import re
 import struct
 import subprocess
@@ -127,6 +130,13 @@ def _cifar_python_without(batch: str):
     return setup
 
 
+def _cifar_python_batch_is_a_folder(tmp: Path):
+    folder = cf.write_python_dir(tmp, cf.make_splits(images_per_batch=2))
+    (folder / "data_batch_2").unlink()
+    (folder / "data_batch_2").mkdir()
+    return "cifar10", tmp
+
+
 def _data_dir_is_file(tmp: Path):
     (tmp / "a_file").write_text("not a folder")
     return "fashion_mnist", tmp / "a_file"
@@ -174,6 +184,27 @@ DATA_CASES = [
                  r"data_batch_1 does not hold a dict with keys b'data' and b'labels'", id="cifar-pickle-not-a-batch"),
     pytest.param(_cifar_python_without("data_batch_3"), FileNotFoundError,
                  r"data_batch_3 is missing, so .* is incomplete; delete that folder", id="cifar-batch-missing"),
+    pytest.param(_fashion_overwrite(TRAIN_IMAGES, b"plain bytes, not gzip"), ValueError,
+                 rf"{TRAIN_IMAGES} is not a complete gzip file \(Not a gzipped file \(b'pl'\)\); download the file "
+                 r"again$", id="idx-not-gzip"),
+    pytest.param(_fashion_overwrite(TRAIN_IMAGES, _IMAGE_FILE[:-8] + bytes(8)), ValueError,
+                 rf"{TRAIN_IMAGES} is not a complete gzip file \(CRC check failed .*\); download the file again$",
+                 id="idx-gzip-crc-error"),
+    pytest.param(_cifar_python_batch_is_a_folder, ValueError,
+                 rf"{cf.PYTHON_DIR}/data_batch_2 is not a file, so .*{cf.PYTHON_DIR} is not an extracted CIFAR-10 "
+                 rf"folder; delete that folder and extract {cf.PYTHON_TAR} again$", id="cifar-batch-is-a-folder"),
+    pytest.param(_cifar_python_overwrite("data_batch_1", b"\x80\x04\x8e" + struct.pack("<Q", 2**62)), ValueError,
+                 rf"data_batch_1 is a corrupt pickle \(MemoryError\); extract {cf.PYTHON_TAR} again$",
+                 id="cifar-pickle-huge-length"),
+    pytest.param(_cifar_python_overwrite("data_batch_1", cf.py2_pickle({b"data": np.zeros((2, 3072), np.uint8),
+                                                                        b"labels": [[1], [2, 3]]})), ValueError,
+                 rf"data_batch_1: b'labels' must be a list of 2 ints, one per row of b'data'; extract {cf.PYTHON_TAR} "
+                 r"again$", id="cifar-labels-not-ints"),
+    pytest.param(_cifar_python_overwrite("data_batch_1", pickle.dumps({b"data": np.zeros((2, 3072), np.uint8),
+                                                                       b"labels": [0, 1]}, protocol=2)), ValueError,
+                 r"data_batch_1: refusing to unpickle, it references _codecs\.encode, which the official CIFAR-10 "
+                 r"batches never do \(they only rebuild numpy arrays\), so it is not one of them; extract "
+                 rf"{cf.PYTHON_TAR} from {re.escape(data.CIFAR10_URL)} again$", id="cifar-python3-pickle"),
 ]
 
 
@@ -195,10 +226,12 @@ def test_malicious_pickle_is_refused_without_running(tmp_path):
     marker = tmp_path / "pwned"
     folder = cf.write_python_dir(tmp_path, cf.make_splits(images_per_batch=2))
     (folder / "data_batch_1").write_bytes(cf.malicious_pickle(f"touch {marker}"))
-    with pytest.raises(ValueError, match=r"data_batch_1: refusing to unpickle, it references os\.system, .* "
-                                         r"\(possibly malicious\)"):
+    with pytest.raises(ValueError, match=r"data_batch_1: refusing to unpickle, it references os\.system, which the "
+                                         r"official CIFAR-10 batches never do \(they only rebuild numpy arrays\)") \
+            as caught:
         data.load("cifar10", "train", tmp_path)
     assert not marker.exists()
+    assert "possibly malicious" not in str(caught.value)
 
 
 @pytest.mark.parametrize("members, symlinks, fragment", [
@@ -226,6 +259,30 @@ def test_tar_member_with_absolute_name_is_confined(tmp_path):
     np.testing.assert_array_equal(images, splits.train_images)
     assert not target.exists()
     assert sorted(p.name for p in data_dir.iterdir()) == sorted([cf.PYTHON_TAR, cf.PYTHON_DIR])
+
+
+@pytest.mark.parametrize("blocker", ["file", "broken-link"])
+def test_file_in_place_of_the_extracted_folder(tmp_path, blocker):
+    """A file (or dangling link) named cifar-10-batches-py beside the tarball: one line naming it, nothing written."""
+    cf.write_python_tar(tmp_path, cf.make_splits(images_per_batch=2))
+    in_the_way = tmp_path / cf.PYTHON_DIR
+    if blocker == "file":
+        in_the_way.write_text("not a folder")
+    else:
+        in_the_way.symlink_to(tmp_path / "gone")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ValueError) as caught:
+        data.load("cifar10", "train", tmp_path)
+    assert str(caught.value) == (f"{in_the_way} is a file, not the folder of extracted CIFAR-10 batches, so "
+                                 f"{cf.PYTHON_TAR} cannot be extracted beside it; remove or rename {in_the_way}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_data_dir_name_too_long(tmp_path):
+    too_long = tmp_path / ("d" * 300)
+    with pytest.raises(FileNotFoundError, match=rf"^data_dir {re.escape(str(too_long))} cannot be accessed \(File name "
+                                                r"too long\); pass the folder that holds the cifar10 files$"):
+        data.load("cifar10", "train", too_long)
 
 
 def _truncated_tarball(archive: Path) -> None:
@@ -258,6 +315,32 @@ def write_index_file(path: Path, content) -> Path:
     return path
 
 
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def _npz_bytes() -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, indices=np.arange(3))
+    return buffer.getvalue()
+
+
+def _npy_header(shape: tuple[int, ...]) -> bytes:
+    """The header of a version 1.0 ``.npy`` file of int64 items of ``shape``, without the items."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "<i8", "fortran_order": False, "shape": shape})
+    return buffer.getvalue()
+
+
+_FORMATS = re.escape("a 1-D integer array saved with numpy.save (.npy), whole numbers in a .txt file or a .json "
+                     "list of them")
+_ZIP_REFUSED = re.escape("not a .npy array file but a zip archive (an .npz?); save one 1-D integer array with "
+                         "numpy.save(file, indices), or write the indices as .txt or .json")
+_PICKLE_REFUSED = re.escape("holds a Python pickle, and pickles are not accepted; save the indices with "
+                            "numpy.save(file, indices) (an integer array, no pickling) or write them as .txt or .json")
+
 INDEX_CASES = [
     pytest.param("F.npy", np.array([3, 10, 12]), r"indices out of range \[0, 10\): \[10, 12\]", id="out-of-range-npy"),
     pytest.param("F.txt", "3, 10", r"indices out of range \[0, 10\): \[10\]", id="out-of-range-txt"),
@@ -277,13 +360,45 @@ INDEX_CASES = [
     pytest.param("F.json", '[1, 1.5, "abc", true, null]', r"non-integer values: \[1.5, 'abc', True, None\]",
                  id="non-integer-json"),
     pytest.param("F.json", "[1, 2", r"cannot read it: Expecting ',' delimiter: .*", id="bad-json"),
-    pytest.param("F.txt", b"\xff\xfe1 2", r"cannot read it: 'utf-8' codec can't decode .*", id="bad-utf8-txt"),
+    pytest.param("F.txt", b"\xff\xfe1 2", r"not a UTF-8 text file \(byte 0xff at offset 0\); expected " + _FORMATS,
+                 id="bad-utf8-txt"),
     pytest.param("F.npy", np.zeros((2, 2), int), r"expected a 1-D array, got shape \(2, 2\)", id="2d-npy"),
     pytest.param("F.csv", "1,2", r"unsupported format '.csv'; use .npy, .txt or .json", id="csv"),
     pytest.param("F.txt", "1 99999999999999999999999", r"indices out of range \[0, 10\): \[99999999999999999999999\]",
                  id="beyond-int64-txt"),
-    pytest.param("F.npy", b"not an npy file", r"cannot read it: .*",
+    pytest.param("F.npy", b"not an npy file", r"not a valid index array \(no \.npy header\); expected " + _FORMATS,
                  id="not-npy"),
+    pytest.param("F.npy", b"", r"the file is empty \(0 bytes\); expected " + _FORMATS, id="empty-npy-file"),
+    pytest.param("F.npy", _npz_bytes(), _ZIP_REFUSED, id="npz-renamed-npy"),
+    pytest.param("F.npy", _npz_bytes()[:40], _ZIP_REFUSED, id="truncated-npz-renamed-npy"),
+    *[pytest.param("F.npy", pickle.dumps([1, 2], protocol=protocol), _PICKLE_REFUSED, id=f"pickle-protocol-{protocol}")
+      for protocol in (0, 2, 5)],
+    pytest.param("F.npy", np.array([1, None], dtype=object), r"holds an array of Python objects, which would need "
+                 r"unpickling, and such arrays are not accepted; save the indices as an integer array with "
+                 r"numpy\.save\(file, indices\) or write them as \.txt or \.json", id="object-array-npy"),
+    pytest.param("F.npy", _npy_bytes(np.arange(100, dtype="<i8"))[:-50], r"truncated \.npy file: its header declares "
+                 r"shape \(100,\) of int64 \(800 bytes\) but 750 bytes follow it; save it again", id="truncated-npy"),
+    pytest.param("F.npy", _npy_header((2**40,)) + bytes(8), r"truncated \.npy file: its header declares shape "
+                 r"\(1099511627776,\) of int64 \(8796093022208 bytes\) but 8 bytes follow it; save it again",
+                 id="npy-header-declares-8-TiB"),
+    pytest.param("F.npy", _npy_bytes(np.arange(3))[:30], r"not a valid \.npy file \(EOF: reading array header, "
+                 r"expected \d+ bytes got \d+\); save the indices again with numpy\.save\(file, indices\)",
+                 id="npy-header-cut"),
+    pytest.param("F.npy", b"\x93NUMPY\x09\x00" + bytes(100), r"not a valid \.npy file \(unknown \.npy format "
+                 r"version 9\.0\); save the indices again with numpy\.save\(file, indices\)", id="npy-unknown-version"),
+    pytest.param("F.npy", np.zeros(3, "V0"), r"holds items of type \|V0, which have no data; expected " + _FORMATS,
+                 id="npy-zero-size-items"),
+    pytest.param("F.json", b"\x00\xff[1]", r"not a UTF-8 text file \(byte 0xff at offset 1\); expected " + _FORMATS,
+                 id="binary-json"),
+    pytest.param("F.json", "[" * 100_000 + "]" * 100_000, r"cannot read it: JSON nested too deeply; expected a list "
+                 r"of indices", id="deeply-nested-json"),
+    pytest.param("F.json", "[" + "9" * 5000 + "]", r"indices out of range \[0, 10\): \[<a 5000-digit number>\]",
+                 id="5000-digit-json"),
+    pytest.param("F.txt", "9" * 5000, r"indices out of range \[0, 10\): \[<a 5000-digit number>\]",
+                 id="5000-digit-txt"),
+    pytest.param("F.txt", "1 -" + "9" * 5000, r"negative indices: \[-<a 5000-digit number>\]", id="5000-digit-negative"),
+    pytest.param("F.txt", "1 " + "x" * 100, r"non-integer values: \['" + "x" * 36 + r"\.\.\.\]",
+                 id="long-token-shown-cut"),
 ]
 
 
@@ -298,6 +413,94 @@ def test_bad_index_file(tmp_path, name, content, fragment):
 def test_missing_index_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=re.escape(f"forget set file {tmp_path / 'nope.txt'} does not exist")):
         forget_sets.load_index_file(tmp_path / "nope.txt", 10)
+
+
+def test_index_file_that_is_a_folder(tmp_path):
+    folder = tmp_path / "set1.npy"
+    folder.mkdir()
+    with pytest.raises(ValueError) as caught:
+        forget_sets.load_index_file(folder, 10)
+    assert str(caught.value) == (f"forget set file {folder} is a directory, but a file is expected; pass the index "
+                                 "file (.npy, .txt or .json) itself")
+
+
+def test_index_file_name_too_long(tmp_path):
+    path = tmp_path / ("f" * 300 + ".txt")
+    with pytest.raises(ValueError, match=rf"^forget set file {re.escape(str(path))}: cannot access it: File name too "
+                                         r"long$"):
+        forget_sets.load_index_file(path, 10)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_index_file(tmp_path):
+    path = write_index_file(tmp_path / "F.txt", "1 2")
+    path.chmod(0)
+    with pytest.raises(ValueError, match=rf"^forget set file {re.escape(str(path))}: cannot read it: Permission "
+                                         r"denied$"):
+        forget_sets.load_index_file(path, 10)
+
+
+def test_index_file_with_a_byte_order_mark(tmp_path):
+    """What Windows editors write: a UTF-8 byte-order mark before the numbers."""
+    for name, text in (("F.txt", "3 1"), ("F.json", "[3, 1]")):
+        path = write_index_file(tmp_path / name, b"\xef\xbb\xbf" + text.encode())
+        assert forget_sets.load_index_file(path, 10).tolist() == [1, 3]
+
+
+# --- forget-set folders: forget_sets.read_manifest (experiments' --forget-sets-dir) -----
+
+_MANIFEST_FIX = ("write the folder again with python -m ascent_jax.forget_sets (or its --import), or pass another "
+                 "folder of forget sets")
+
+
+@pytest.mark.parametrize("content, problem", [
+    pytest.param('{"sets": {}}', ": has no 'provenance' entry", id="no-provenance"),
+    pytest.param('{"provenance": {}}', ": has no 'sets' entry", id="no-sets"),
+    pytest.param("[1, 2]", ": expected a JSON object with 'provenance' and 'sets', got a list", id="a-list"),
+    pytest.param('"text"', ": expected a JSON object with 'provenance' and 'sets', got a string", id="a-string"),
+    pytest.param('{"provenance": [], "sets": {}}', ": 'provenance' must be an object, got a list",
+                 id="provenance-a-list"),
+    pytest.param('{"provenance": {}, "sets": ["a.npy"]}', ": 'sets' must be an object, got a list", id="sets-a-list"),
+    pytest.param('{"provenance": {}, "sets": {"a": {"size": 3}}}',
+                 """: set 'a' must be an object with a 'file' name, got {"size": 3}""", id="entry-without-file"),
+    pytest.param('{"provenance": {}, "sets": {"a": 7}}', ": set 'a' must be an object with a 'file' name, got 7",
+                 id="entry-a-number"),
+    pytest.param("{truncated", " is not valid JSON (Expecting property name enclosed in double quotes: line 1 "
+                 "column 2 (char 1))", id="not-json"),
+    pytest.param(b"\x00\xff\x00", " is not a JSON text file", id="binary"),
+])
+def test_bad_manifest(tmp_path, content, problem):
+    path = tmp_path / forget_sets.MANIFEST
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError) as caught:
+        forget_sets.read_manifest(tmp_path)
+    assert str(caught.value) == f"forget-sets manifest {path}{problem}; {_MANIFEST_FIX}"
+
+
+def test_manifest_that_is_a_folder(tmp_path):
+    (tmp_path / forget_sets.MANIFEST).mkdir()
+    with pytest.raises(ValueError) as caught:
+        forget_sets.read_manifest(tmp_path)
+    assert str(caught.value) == f"forget-sets manifest {tmp_path / forget_sets.MANIFEST} is not a file; {_MANIFEST_FIX}"
+
+
+@pytest.mark.parametrize("below", [False, True], ids=["a-file", "below-a-file"])
+def test_forget_sets_dir_that_is_a_file(tmp_path, below):
+    a_file = tmp_path / forget_sets.MANIFEST
+    a_file.write_text('{"provenance": {}, "sets": {}}')
+    directory = a_file / "sets" if below else a_file
+    what = f"is not a folder of forget sets: {a_file} is a file" if below else "is a file, not a folder of forget sets"
+    with pytest.raises(ValueError) as caught:
+        forget_sets.read_manifest(directory)
+    assert str(caught.value) == (f"{directory} {what}; pass the folder that holds forget_sets.json and the sets' .npy "
+                                 "files (the --out of python -m ascent_jax.forget_sets)")
+
+
+def test_read_manifest_of_good_and_absent_folders(tmp_path):
+    assert forget_sets.read_manifest(tmp_path / "nowhere") is None
+    assert forget_sets.read_manifest(tmp_path) is None  # a folder without a manifest: no datamodel sets there
+    manifest = forget_sets.write_sets(tmp_path, {"a": np.array([1, 3])}, np.array([0, 1, 1, 0]), 2, {"seed": 1})
+    assert forget_sets.read_manifest(tmp_path) == json.loads(json.dumps(manifest))
 
 
 # --- library arguments: unlearning methods, training, ensembles, models, grids ------
@@ -436,7 +639,10 @@ def cli_paths(tmp_path) -> dict[str, Path]:
     return {"data": write_fashion_mnist(tmp_path / "fashion"), "empty": tmp_path / "empty",
             "nowhere": tmp_path / "nowhere", "out": tmp_path / "out",
             "good_index": write_index_file(tmp_path / "good.txt", "1 2 3"),
-            "bad_index": write_index_file(tmp_path / "bad.txt", "3 64 70")}
+            "bad_index": write_index_file(tmp_path / "bad.txt", "3 64 70"),
+            "empty_npy": write_index_file(tmp_path / "empty.npy", b""),
+            "npz_npy": write_index_file(tmp_path / "archive.npy", _npz_bytes()),
+            "pickle_npy": write_index_file(tmp_path / "pickled.npy", pickle.dumps([1, 2], protocol=2))}
 
 
 def fill(args: list[str], paths: dict[str, Path]) -> list[str]:
@@ -479,6 +685,19 @@ CLI_CASES = [
                  id="seed-negative"),
     pytest.param([*DATA, "--subset-size", "30", *SMALL_SETS, "--seed", str(2**40)], r"argument --seed: must be below 2",
                  id="seed-wraps"),
+    pytest.param([*DATA, "--seed", str(2**64)], r"^error: argument --seed: must be below 2\*\*32 = 4294967296 \(JAX's "
+                 r"PRNG keys hold 32 bits\), got 18446744073709551616$", id="seed-2**64"),
+    pytest.param([*DATA, "--seed", "2**64"], r"^error: argument --seed: expected a whole number, got '2\*\*64'$",
+                 id="seed-expression"),
+    pytest.param([*DATA, "--import", "{empty_npy}"],
+                 r"^error: forget set file {empty_npy}: the file is empty \(0 bytes\); expected " + _FORMATS + "$",
+                 id="import-empty-npy"),
+    pytest.param([*DATA, "--import", "{npz_npy}"], r"^error: forget set file {npz_npy}: " + _ZIP_REFUSED + "$",
+                 id="import-npz-renamed-npy"),
+    pytest.param([*DATA, "--import", "{pickle_npy}"], r"^error: forget set file {pickle_npy}: " + _PICKLE_REFUSED + "$",
+                 id="import-pickle"),
+    pytest.param([*DATA, "--import", "{empty}"], r"^error: forget set file {empty} is a directory, but a file is "
+                 r"expected; pass the index file \(\.npy, \.txt or \.json\) itself$", id="import-a-folder"),
 ]
 
 
@@ -490,7 +709,8 @@ def test_bad_cli_input(capsys, cli_paths, args, fragment):
 
 
 @pytest.mark.parametrize("args, fragment", [case for case in CLI_CASES
-                                            if case.id in ("models-0", "data-dir-empty", "import-bad-index")])
+                                            if case.id in ("models-0", "data-dir-empty", "import-bad-index",
+                                                           "import-empty-npy", "seed-2**64")])
 def test_bad_cli_input_as_a_process(tmp_path, cli_paths, args, fragment):
     """The real ``python -m`` entry point: exit status, stderr, no traceback, nothing written."""
     out = cli_paths["out"]
