@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -96,11 +98,12 @@ def run_options(args: argparse.Namespace, seed: int):
                                memory_limit=None if args.memory_limit is None else int(args.memory_limit * 2**30))
 
 
-def check_writable(out: Path) -> None:
-    """Fail before any work if the output directory ``out`` cannot be created or written."""
+def check_writable(out: Path, argument: str = "--out") -> None:
+    """Fail before any work if the output directory ``out`` (given as ``argument``) cannot be created or written."""
     existing = next((p for p in [out, *out.parents] if p.exists()), Path("."))
     if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise PermissionError(f"output directory {out} is not writable (or is a file); pass --out to a writable folder")
+        raise PermissionError(f"output directory {out} is not writable (or is a file); pass {argument} as a writable "
+                              "folder")
 
 
 def read_run_file(path: Path) -> dict:
@@ -114,10 +117,56 @@ def read_run_file(path: Path) -> dict:
     return held
 
 
+INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
+
+
+def _disk_full(error: BaseException) -> OSError | None:
+    """The "no space left" ``OSError`` in ``error``'s chain of causes, if there is one."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _exit_interrupted(*_) -> NoReturn:
+    print("interrupted; rerun the same command to resume", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(INTERRUPTED)
+
+
+def quiet_interrupts() -> None:
+    """Make Ctrl-C print one line and end the process with status 130, from this call on.
+
+    CLIs call it first, before their slow imports (jax, matplotlib), so an interrupt at any
+    moment gives the same line. The process ends at once (``os._exit``): letting the
+    interpreter shut down while XLA's compiler threads or orbax's writer threads still run
+    crashes it (SIGSEGV). Every stage resumes from its last checkpoint and half-written
+    checkpoints are discarded on the rerun, so nothing finished is lost.
+    """
+    signal.signal(signal.SIGINT, _exit_interrupted)
+
+
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Run ``main``; user errors (bad files, bad values) print one line and return exit status 2."""
+    """Run ``main``; user errors (bad files, bad values) and a full disk print one line and return 2.
+
+    Ctrl-C ends the process as :func:`quiet_interrupts` does (status 130, one line).
+    """
     try:
         return main(argv)
-    except (ValueError, FileNotFoundError, PermissionError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        _exit_interrupted()
+    except Exception as error:
+        full = _disk_full(error)
+        if full is not None:
+            where = Path(full.filename).parent if full.filename else "the output folder"
+            print(f"error: no space left on the device of {where}; free some space and rerun the same command "
+                  "to resume", file=sys.stderr)
+            return 2
+        if isinstance(error, (ValueError, FileNotFoundError, PermissionError)):
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        raise

@@ -506,7 +506,11 @@ class Checkpoints:
         if meta.get("fingerprint") != self.tag:
             raise ValueError(f"checkpoint {self.directory} was written by a different configuration; "
                              f"use another output directory or delete {self.directory} to start fresh")
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(like)))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(like)))
+        except Exception as error:  # noqa: BLE001 -- orbax raises many kinds on damaged files
+            raise ValueError(f"checkpoint {self.directory / str(step)} cannot be read ({type(error).__name__}); "
+                             f"delete {self.directory} and rerun") from None
         return restored.state, step, meta["metrics"]
 
     def save(self, epoch: int, state: Any, history: dict) -> None:

@@ -18,6 +18,11 @@ most extreme images of each PC.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the slow imports: Ctrl-C at any moment is one line
+    from ascent_jax.cli import quiet_interrupts
+
+    quiet_interrupts()
+
 import argparse
 import dataclasses
 import io

@@ -2,16 +2,21 @@
 
 Runs :mod:`benchmarks.ensemble_throughput` and :mod:`benchmarks.klom_bench` with their default
 sizes (a few minutes on a 2-core CPU), writing ``ensemble_throughput.json`` and ``klom.json``
-into ``--output-dir``. ``--tiny`` runs both at smoke-test sizes (seconds; the tests use it).
+into ``--output-dir`` (default ``runs/benchmarks``; the committed ``benchmarks/results/`` only
+when given explicitly). ``--tiny`` runs both at smoke-test sizes (seconds; the tests use it).
 Not part of this set: :mod:`benchmarks.sharded` (needs a fresh process with 4 forced host
 devices: ``python -m benchmarks.sharded``) and :mod:`benchmarks.gpu_check` (for one GPU).
 """
 
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":  # first, before the slow imports: Ctrl-C at any moment is one line
+    from ascent_jax.cli import quiet_interrupts
+
+    quiet_interrupts()
+
+import sys
 import time
-from pathlib import Path
 
 from benchmarks import common, ensemble_throughput, klom_bench
 
@@ -21,12 +26,19 @@ TINY_THROUGHPUT = ["--models", "mlp", "--members", "2", "--batch-sizes", "16", "
 TINY_KLOM = ["--models", "20", "--points", "50", "--repeats", "1"]
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", type=Path, default=common.RESULTS)
+def parser():
+    parser = common.parser("benchmarks", __doc__)
+    parser.add_argument("--output-dir", default=str(common.OUTPUT_DIR),
+                        help="folder for ensemble_throughput.json and klom.json (benchmarks/results refreshes the "
+                             "committed numbers)")
     parser.add_argument("--tiny", action="store_true", help="smoke-test sizes (seconds, numbers meaningless)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch contender")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> dict:
+    args = parser().parse_args(argv)
+    args.output_dir = common.output_dir(args.output_dir)
 
     start = time.perf_counter()
     throughput_args = (TINY_THROUGHPUT if args.tiny else []) + (["--no-torch"] if args.no_torch else [])
@@ -66,4 +78,4 @@ def _summary_rows(throughput: dict):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(common.run_cli(main))

@@ -4,13 +4,22 @@ Every result file records the device, the date, library versions, the exact comm
 1-minute load average (the machines are shared; a load above the core count means the numbers
 are pessimistic). PyTorch is optional (``pip install -e ".[bench]"``): :func:`torch_or_none`
 returns ``None`` when it is missing and the scripts then skip the PyTorch contender with a note.
+
+Command lines follow the project's contract (:mod:`ascent_jax.cli`): flags are validated by
+type, and a bad input -- a flag value, an output path that is a folder or not writable, a
+missing data set -- exits with status 2 and one ``error: ...`` line on stderr, before any work.
+Results go to ``runs/benchmarks/`` (under the working directory, git-ignored) unless an output
+is given; the committed numbers in ``benchmarks/results/`` change only when asked for
+explicitly (``--output-dir benchmarks/results``, ``--output benchmarks/results/NAME.json``).
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import itertools
 import json
+import math
 import os
 import re
 import sys
@@ -23,9 +32,91 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ascent_jax.cli import ArgumentParser, check_writable, int_at_least, run_main
 from ascent_jax.files import atomic_write
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"  # committed results: written only when asked explicitly
+OUTPUT_DIR = Path("runs") / "benchmarks"  # the default output folder, relative to the working directory
+
+
+def parser(module: str, doc: str) -> ArgumentParser:
+    """The argument parser of ``python -m module``: one-line errors (exit 2), defaults in ``--help``.
+
+    No abbreviated flags: ``python -m benchmarks --output x.json`` must not pass for ``--output-dir``.
+    """
+    return ArgumentParser(prog=f"python -m {module}", description=doc.splitlines()[0], allow_abbrev=False,
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> int:
+    """Run a benchmark's ``main`` as a command: 0 when it finishes; a user error prints one line and gives 2."""
+    return run_main(lambda args: (main(args), 0)[1], None if argv is None else list(argv))
+
+
+def _writable_folder(folder: Path, flag: str) -> None:
+    try:
+        check_writable(folder)
+    except PermissionError:
+        raise PermissionError(f"output folder {folder} is not writable (or is a file); pass {flag} a writable "
+                              "path") from None
+
+
+def output_file(path: str | os.PathLike) -> Path:
+    """A validated ``--output`` file: not a folder, in a folder that can be created and written."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--output {path} is a folder; give a file path such as {path / 'result.json'}")
+    _writable_folder(path.parent, "--output")
+    return path
+
+
+def output_dir(path: str | os.PathLike) -> Path:
+    """A validated ``--output-dir``: a folder that can be created and written (not a file)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--output-dir {path} is a file; give a folder")
+    _writable_folder(path, "--output-dir")
+    return path
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def int_list(minimum: int = 1) -> Callable[[str], list[int]]:
+    """argparse type: comma-separated whole numbers, each >= ``minimum``, at least one."""
+    number = int_at_least(minimum)
+
+    def parse(text: str) -> list[int]:
+        values = [number(item) for item in text.split(",") if item.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}")
+        return values
+
+    return parse
+
+
+def name_list(choices: Sequence[str], *, allow_empty: bool = False) -> Callable[[str], list[str]]:
+    """argparse type: comma-separated names from ``choices`` (``''`` gives ``[]`` when ``allow_empty``)."""
+
+    def parse(text: str) -> list[str]:
+        names = [item.strip() for item in text.split(",") if item.strip()]
+        unknown = [name for name in names if name not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown name(s) {', '.join(map(repr, unknown))}; choose from "
+                                             f"{', '.join(choices)}")
+        if not names and not allow_empty:
+            raise argparse.ArgumentTypeError(f"expected comma-separated names from {', '.join(choices)}")
+        return names
+
+    return parse
 
 
 def device_description() -> str:

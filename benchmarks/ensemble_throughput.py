@@ -1,7 +1,8 @@
 """Ensemble training throughput on CPU: the library's ensemble layouts vs a loop of jitted models vs PyTorch.
 
 Run ``python -m benchmarks.ensemble_throughput`` (flags resize it; ``--help``); writes
-``benchmarks/results/ensemble_throughput.json`` and prints a table. Fashion-MNIST (real images),
+``runs/benchmarks/ensemble_throughput.json`` (``--output``; the committed file in
+``benchmarks/results/`` only when given explicitly) and prints a table. Fashion-MNIST (real images),
 the MLP (784-256-10) and the small CNN, the papers' SGD recipe at batch 512 (pretraining) and
 batch 64 (unlearning). Contenders, timed in the same process:
 
@@ -24,16 +25,22 @@ epochs driven step by step from Python, i.e. without ``lax.scan``.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the slow imports: Ctrl-C at any moment is one line
+    from ascent_jax.cli import quiet_interrupts
+
+    quiet_interrupts()
+
 import argparse
 import functools
 import itertools
-from pathlib import Path
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ascent_jax import batches, data, ensemble, models, train
+from ascent_jax.cli import positive_int
 from benchmarks import common
 
 FULL_EPOCH = data.FASHION_MNIST.num_train
@@ -45,10 +52,7 @@ PROBES = {
     "model_steps": "jit(train step) of one model called once per step and model from Python (PyTorch's structure)",
 }
 ALL_PROBES = "mlp:steps,mlp:model_steps,cnn:steps,cnn:model_steps"
-
-
-def _ints(text: str) -> list[int]:
-    return [int(value) for value in text.split(",") if value]
+ARCHITECTURES = ("mlp", "cnn")
 
 
 def _rate(seconds: list[float], model_epochs: int, points: int, flops: float) -> dict:
@@ -233,35 +237,58 @@ COLUMNS = [("arch", "arch", "s"), ("batch", "batch", "d"), ("K", "K", "d"), ("vm
            ("vmap_matmul_pct", "vmap %mm", ".0f"), ("map_matmul_pct", "map %mm", ".0f")]
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--models", default="mlp,cnn", help="architectures (mlp, cnn)")
-    parser.add_argument("--members", type=_ints, default=[1, 8, 32, 100], help="ensemble sizes K for the MLP")
-    parser.add_argument("--cnn-members", type=_ints, default=[2],
+def _probe_list(text: str) -> list[tuple[str, str]]:
+    """argparse type: comma-separated ``arch:probe`` pairs (``''``: none)."""
+    pairs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        arch, _, probe = item.partition(":")
+        if arch not in ARCHITECTURES or probe not in PROBES:
+            raise argparse.ArgumentTypeError(f"expected arch:probe with arch in {', '.join(ARCHITECTURES)} and probe "
+                                             f"in {', '.join(PROBES)}, got {item!r}")
+        pairs.append((arch, probe))
+    return pairs
+
+
+def parser():
+    parser = common.parser("benchmarks.ensemble_throughput", __doc__)
+    parser.add_argument("--models", type=common.name_list(ARCHITECTURES), default="mlp,cnn",
+                        help=f"architectures ({', '.join(ARCHITECTURES)})")
+    parser.add_argument("--members", type=common.int_list(1), default=[1, 8, 32, 100],
+                        help="ensemble sizes K for the MLP")
+    parser.add_argument("--cnn-members", type=common.int_list(1), default=[2],
                         help="ensemble sizes K for the CNN (XLA CPU runs its scanned epoch slowly; see README)")
-    parser.add_argument("--batch-sizes", type=_ints, default=[512, 64], help="512: pretraining; 64: unlearning")
-    parser.add_argument("--points", type=int, default=1024, help="Fashion-MNIST images per timed MLP epoch")
-    parser.add_argument("--cnn-points", type=int, default=512, help="Fashion-MNIST images per timed CNN epoch")
-    parser.add_argument("--torch-models", type=int, default=4,
+    parser.add_argument("--batch-sizes", type=common.int_list(1), default=[512, 64],
+                        help="512: pretraining; 64: unlearning")
+    parser.add_argument("--points", type=positive_int, default=1024, help="Fashion-MNIST images per timed MLP epoch")
+    parser.add_argument("--cnn-points", type=positive_int, default=512, help="Fashion-MNIST images per timed CNN epoch")
+    parser.add_argument("--torch-models", type=positive_int, default=4,
                         help="models timed in the PyTorch loop (its per-model cost does not depend on K)")
-    parser.add_argument("--repeats", type=int, default=5, help="most timed epochs per measurement (best is kept)")
-    parser.add_argument("--min-seconds", type=float, default=2.5, help="stop repeating once this much was timed")
-    parser.add_argument("--probes", default="", help=f"step-driven probes as comma-separated arch:probe (probe: "
-                        f"{', '.join(PROBES)}), e.g. {ALL_PROBES}")
-    parser.add_argument("--probe-members", type=int, default=8, help="K of the probes (at most the largest K)")
-    parser.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n float32 matmul-rate probe")
+    parser.add_argument("--repeats", type=positive_int, default=5,
+                        help="most timed epochs per measurement (best is kept)")
+    parser.add_argument("--min-seconds", type=common.non_negative_float, default=2.5,
+                        help="stop repeating once this much was timed")
+    parser.add_argument("--probes", type=_probe_list, default="", help=f"step-driven probes as comma-separated "
+                        f"arch:probe (probe: {', '.join(PROBES)}), e.g. {ALL_PROBES}")
+    parser.add_argument("--probe-members", type=positive_int, default=8,
+                        help="K of the probes (at most the largest K)")
+    parser.add_argument("--matmul-size", type=positive_int, default=2048,
+                        help="n of the n x n float32 matmul-rate probe")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch contender")
-    parser.add_argument("--output", type=Path, default=common.RESULTS / "ensemble_throughput.json")
-    args = parser.parse_args(argv)
+    parser.add_argument("--output", default=str(common.OUTPUT_DIR / "ensemble_throughput.json"), help="result file")
+    return parser
+
+
+def main(argv=None) -> dict:
+    args = parser().parse_args(argv)
+    args.output = common.output_file(args.output)
 
     torch = None if args.no_torch else common.torch_or_none()
     torch_note = "skipped (--no-torch)" if args.no_torch else common.TORCH_MISSING
     meta = common.metadata("benchmarks.ensemble_throughput", argv, torch)
     images, labels = data.load("fashion_mnist", "train")
-    probes = [item.split(":") for item in args.probes.split(",") if item]
+    probes = args.probes
     results = []
-    for arch in args.models.split(","):
+    for arch in args.models:
         counts, points = (args.members, args.points) if arch == "mlp" else (args.cnn_members, args.cnn_points)
         for batch in args.batch_sizes:
             wanted = [probe for name, probe in probes if name == arch]
@@ -303,4 +330,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(common.run_cli(main))

@@ -1,10 +1,11 @@
 """One prepared GPU check: the ResNet-9 ensemble contenders on CIFAR-shaped random tensors, time-boxed.
 
 Run ``python -m benchmarks.gpu_check`` on one GPU (about 6-8 minutes on an H100/H200, estimated; ``--help``);
-it also runs tiny on CPU (the tests do). It writes ``benchmarks/results/gpu_check.json`` after
-every step, so a run cut short keeps what it measured, and starts no contender once
-``--budget-seconds`` have passed (those are recorded as skipped). The data are random uint8
-tensors of CIFAR-10's shape with random labels: throughput only, never accuracy.
+it also runs tiny on CPU (the tests do). It writes ``runs/benchmarks/gpu_check.json`` (``--output``;
+the committed ``benchmarks/results/`` only when given explicitly) after every step, so a run cut
+short keeps what it measured, and starts no contender once ``--budget-seconds`` have passed
+(those are recorded as skipped). The data are random uint8 tensors of CIFAR-10's shape with
+random labels: throughput only, never accuracy.
 
 Each contender trains ``--steps`` steps of batch ``--batch-size`` per timed epoch; the job --
 ``--members`` models x ``--epochs`` epochs x ceil(``--train-size`` / batch) steps -- is
@@ -31,6 +32,11 @@ default on these GPUs) and plain FP32. JAX is told not to preallocate GPU memory
 contenders, run first, find it free.
 """
 
+if __name__ == "__main__":  # first, before the slow imports: Ctrl-C at any moment is one line
+    from ascent_jax.cli import quiet_interrupts
+
+    quiet_interrupts()
+
 import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # read when jax starts its GPU backend
@@ -38,6 +44,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # read when jax
 import argparse  # noqa: E402
 import functools  # noqa: E402
 import math  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -47,6 +54,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ascent_jax import batches, ensemble, models, train  # noqa: E402
+from ascent_jax.cli import positive_float, positive_int  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 CIFAR_NORM = train.Normalization((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
@@ -236,28 +244,41 @@ def _torch_note(torch, args) -> str | None:
     return None
 
 
-def parse(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--members", type=int, default=100, help="ensemble size of the extrapolated job")
-    parser.add_argument("--epochs", type=int, default=24, help="epochs of the extrapolated job")
-    parser.add_argument("--train-size", type=int, default=50_000, help="training images of the extrapolated job")
-    parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=8, help="steps per timed epoch")
-    parser.add_argument("--chunk", type=int, default=None, help="members of the vmap contenders (default: the plan's)")
-    parser.add_argument("--grouped-models", type=int, default=None, help="M of torch_grouped (default: the chunk)")
-    parser.add_argument("--loop-models", type=int, default=2, help="models timed in loop, map and torch_loop")
+def parser():
+    parser = common.parser("benchmarks.gpu_check", __doc__)
+    parser.add_argument("--members", type=positive_int, default=100, help="ensemble size of the extrapolated job")
+    parser.add_argument("--epochs", type=positive_int, default=24, help="epochs of the extrapolated job")
+    parser.add_argument("--train-size", type=positive_int, default=50_000,
+                        help="training images of the extrapolated job")
+    parser.add_argument("--batch-size", type=positive_int, default=512)
+    parser.add_argument("--steps", type=positive_int, default=8, help="steps per timed epoch")
+    parser.add_argument("--chunk", type=positive_int, default=None,
+                        help="members of the vmap contenders (default: the plan's)")
+    parser.add_argument("--grouped-models", type=positive_int, default=None,
+                        help="M of torch_grouped (default: the chunk)")
+    parser.add_argument("--loop-models", type=positive_int, default=2, help="models timed in loop, map and torch_loop")
     parser.add_argument("--model", choices=["resnet9", "cnn", "mlp"], default="resnet9", help="cnn, mlp: smoke runs")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
-    parser.add_argument("--image-size", type=int, default=32, help="image height and width (CIFAR-10: 32)")
-    parser.add_argument("--repeats", type=int, default=3, help="most timed epochs per contender (best is kept)")
-    parser.add_argument("--min-seconds", type=float, default=2.0, help="stop repeating once this much was timed")
-    parser.add_argument("--matmul-size", type=int, default=8192, help="n of the n x n matmul-rate probe")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="dense peak of the dtype (default: by device)")
-    parser.add_argument("--budget-seconds", type=float, default=420, help="start no contender after this many seconds")
+    parser.add_argument("--image-size", type=positive_int, default=32, help="image height and width (CIFAR-10: 32)")
+    parser.add_argument("--repeats", type=positive_int, default=3,
+                        help="most timed epochs per contender (best is kept)")
+    parser.add_argument("--min-seconds", type=common.non_negative_float, default=2.0,
+                        help="stop repeating once this much was timed")
+    parser.add_argument("--matmul-size", type=positive_int, default=8192, help="n of the n x n matmul-rate probe")
+    parser.add_argument("--peak-tflops", type=positive_float, default=None,
+                        help="dense peak of the dtype (default: by device)")
+    parser.add_argument("--budget-seconds", type=common.non_negative_float, default=420,
+                        help="start no contender after this many seconds")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch contenders")
-    parser.add_argument("--output", type=Path, default=common.RESULTS / "gpu_check.json")
-    return parser.parse_args(argv)
+    parser.add_argument("--output", default=str(common.OUTPUT_DIR / "gpu_check.json"), help="result file")
+    return parser
+
+
+def parse(argv=None) -> argparse.Namespace:
+    """The validated arguments (the output file checked before any work)."""
+    args = parser().parse_args(argv)
+    args.output = common.output_file(args.output)
+    return args
 
 
 def main(argv=None) -> dict:
@@ -324,4 +345,4 @@ def _print(result: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(common.run_cli(main))

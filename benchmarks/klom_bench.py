@@ -1,27 +1,32 @@
 """Time :func:`ascent_jax.klom.klom` against the straightforward per-point reference.
 
 Run ``python -m benchmarks.klom_bench`` (``--points``/``--models`` to resize); writes
-``benchmarks/results/klom.json``. :func:`reference_klom` is the one slow, independent
+``runs/benchmarks/klom.json`` (``--output``; the committed ``benchmarks/results/klom.json`` only
+when given explicitly). :func:`reference_klom` is the one slow, independent
 numpy/scipy implementation of KLoM; ``tests/test_klom.py`` checks the library against it.
 """
 
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":  # first, before the slow imports: Ctrl-C at any moment is one line
+    from ascent_jax.cli import quiet_interrupts
+
+    quiet_interrupts()
+
 import datetime
 import json
 import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 import scipy.stats
 
+from ascent_jax.cli import int_at_least, positive_int
 from ascent_jax.klom import klom
 from benchmarks import common
 
-RESULTS = common.RESULTS / "klom.json"
+OUTPUT = common.OUTPUT_DIR / "klom.json"
 
 
 def _reference_point(oracle, unlearned, bins, eps, clip):
@@ -98,13 +103,18 @@ def _benchmark_margins(n_models: int, n_points: int, seed: int):
     return oracle, unlearned
 
 
+def parser():
+    parser = common.parser("benchmarks.klom_bench", __doc__)
+    parser.add_argument("--models", type=int_at_least(2), default=100, help="models per ensemble (at least 2)")
+    parser.add_argument("--points", type=positive_int, default=60_000, help="points (columns) of the margins")
+    parser.add_argument("--repeats", type=positive_int, default=7, help="timed runs of klom")
+    parser.add_argument("--output", default=str(OUTPUT), help="result file")
+    return parser
+
+
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", type=int, default=100)
-    parser.add_argument("--points", type=int, default=60_000)
-    parser.add_argument("--repeats", type=int, default=7, help="timed runs of klom")
-    parser.add_argument("--output", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
+    args.output = common.output_file(args.output)
 
     oracle, unlearned = _benchmark_margins(args.models, args.points, seed=0)
 
@@ -150,4 +160,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(common.run_cli(main))

@@ -3,7 +3,8 @@
 Run ``python -m benchmarks.sharded`` in a fresh process (``--help``): it forces 4 host devices
 (``--xla_force_host_platform_device_count=4``, read when jax starts, so it must be set before jax
 is imported; an ``XLA_FLAGS`` that already sets a count is kept) and writes
-``benchmarks/results/sharded.json``. Random uint8 tensors with random labels: the small CNN on
+``runs/benchmarks/sharded.json`` (``--output``; the committed file in ``benchmarks/results/`` only
+when given explicitly). Random uint8 tensors with random labels: the small CNN on
 Fashion-MNIST's shape (28x28x1) and ResNet-9 on ``--image-size`` CIFAR-shaped images. Contenders,
 each the vmapped epoch of ``--members`` members:
 
@@ -22,6 +23,11 @@ Forced host devices share the host's cores, so their timings say nothing about r
 speed-ups; the HLO facts are the point.
 """
 
+if __name__ == "__main__":  # first, before the slow imports: Ctrl-C at any moment is one line
+    from ascent_jax.cli import quiet_interrupts
+
+    quiet_interrupts()
+
 import os
 import sys
 
@@ -32,15 +38,13 @@ if "jax" not in sys.modules:  # XLA reads the flag once, when jax starts its CPU
         os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count={DEVICES}".strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import argparse  # noqa: E402
-from pathlib import Path  # noqa: E402
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from ascent_jax import batches, ensemble, models, train  # noqa: E402
+from ascent_jax.cli import int_at_least, positive_int  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 SEED = 0
@@ -95,7 +99,7 @@ def bench_model(arch: str, args, mesh) -> dict:
         entry, compiled = _contender(jitted, (_abstract(states, sharding), *rest, jnp.int32(0)), expected)
         out["contenders"][name] = entry
         print(f"{arch} {name}: compiled in {entry['compile_seconds']:.1f} s", flush=True)
-        if arch in args.timed.split(","):
+        if arch in args.timed:
             runners[name] = _runner(compiled, states, (subsets, ids, shared, base), None if sharding is None else mesh)
     samples = common.interleaved(runners, args.repeats, args.min_seconds)
     for name, seconds in samples.items():
@@ -129,27 +133,34 @@ def _runner(compiled, states, rest, mesh):
     return lambda: common.timed(stepper, 1)[0]
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--models", default="cnn,resnet9", help=f"architectures ({', '.join(SHAPES)})")
-    parser.add_argument("--members", type=int, default=4, help="ensemble members (a multiple of the devices)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--points", type=int, default=32, help="training images per member and timed epoch")
-    parser.add_argument("--image-size", type=int, default=16, help="ResNet-9 image height and width (at least 16)")
-    parser.add_argument("--repeats", type=int, default=3, help="most timed epochs per contender (best is kept)")
-    parser.add_argument("--min-seconds", type=float, default=5.0, help="stop repeating once this much was timed")
-    parser.add_argument("--timed", default="cnn,resnet9", help="architectures also trained and timed (others: "
-                        "compiled and analysed only; '' for none)")
-    parser.add_argument("--output", type=Path, default=common.RESULTS / "sharded.json")
-    args = parser.parse_args(argv)
+def parser():
+    parser = common.parser("benchmarks.sharded", __doc__)
+    parser.add_argument("--models", type=common.name_list(tuple(SHAPES)), default="cnn,resnet9",
+                        help=f"architectures ({', '.join(SHAPES)})")
+    parser.add_argument("--members", type=positive_int, default=4, help="ensemble members (a multiple of the devices)")
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--points", type=positive_int, default=32, help="training images per member and timed epoch")
+    parser.add_argument("--image-size", type=int_at_least(16), default=16,
+                        help="ResNet-9 image height and width (at least 16)")
+    parser.add_argument("--repeats", type=positive_int, default=3,
+                        help="most timed epochs per contender (best is kept)")
+    parser.add_argument("--min-seconds", type=common.non_negative_float, default=5.0,
+                        help="stop repeating once this much was timed")
+    parser.add_argument("--timed", type=common.name_list(tuple(SHAPES), allow_empty=True), default="cnn,resnet9",
+                        help="architectures also trained and timed (others: compiled and analysed only; '' for none)")
+    parser.add_argument("--output", default=str(common.OUTPUT_DIR / "sharded.json"), help="result file")
+    return parser
 
+
+def main(argv=None) -> dict:
+    args = parser().parse_args(argv)
+    args.output = common.output_file(args.output)
     devices = jax.device_count()
     if devices < 2:
-        raise SystemExit(f"found {devices} device; run `python -m benchmarks.sharded` in a fresh process (it forces "
+        raise ValueError(f"found {devices} device; run `python -m benchmarks.sharded` in a fresh process (it forces "
                          f"{DEVICES} host devices before jax starts)")
     if args.members % devices:
-        raise SystemExit(f"--members must be a multiple of the {devices} devices, got {args.members}")
+        raise ValueError(f"--members must be a multiple of the {devices} devices, got {args.members}")
     mesh = ensemble.device_mesh()
     meta = common.metadata("benchmarks.sharded", argv)
     forced = jax.default_backend() == "cpu"
@@ -166,7 +177,7 @@ def main(argv=None) -> dict:
         "collectives": "ops in compiled.as_text(): name( and async name-start(",
         "timing": ("--timed architectures only: best epoch of up to --repeats after a warm-up, a model's contenders "
                    "in interleaved rounds; forced host devices share the host's cores"),
-        "results": {arch: bench_model(arch, args, mesh) for arch in args.models.split(",")},
+        "results": {arch: bench_model(arch, args, mesh) for arch in args.models},
         "load_average_1min": common.load_average(),
     }
     common.write_json(args.output, result)
@@ -182,4 +193,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(common.run_cli(main))

@@ -19,6 +19,11 @@ without training; it needs no ``--data-dir`` (CIFAR-10's sizes are known).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the slow imports: Ctrl-C at any moment is one line
+    from ascent_jax.cli import quiet_interrupts
+
+    quiet_interrupts()
+
 import argparse
 import sys
 from pathlib import Path

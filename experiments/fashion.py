@@ -16,9 +16,14 @@ command resumes; a run directory of another configuration is refused.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the slow imports: Ctrl-C at any moment is one line
+    from ascent_jax.cli import quiet_interrupts
+
+    quiet_interrupts()
+
 import argparse
-import json
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     study.add_arguments(parser, ensemble_size=8, model="mlp", models=["mlp", "cnn"], epochs=10, grid="quick",
                         out="runs/fashion", forget_help="forget set: a name from --forget-sets-dir, 'all', or an "
                         "index file of full-split indices; repeatable (default: " + " and ".join(DEFAULT_SETS)
-                        + ", or fallback-random100 without datamodel sets)")
+                        + ", or fallback-random100 (smaller if the subset is) without datamodel sets)")
     parser.add_argument("--subset-size", type=positive_int, default=10_000,
                         help="class-balanced study subset of the 60,000 training images (default 10000)")
     parser.add_argument("--subset-seed", type=prng_seed, default=0, help="seed that draws the study subset (default 0)")
@@ -52,9 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def available_sets(directory: Path, subset: np.ndarray, labels: np.ndarray, seed: int) -> tuple[dict, str | None]:
     """Datamodel forget sets of ``directory`` if drawn from ``subset``, else random fallbacks and a note why."""
-    manifest_path = directory / forget_sets.MANIFEST
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
+    manifest = forget_sets.read_manifest(directory)
+    if manifest is not None:
         if manifest["provenance"].get("subset_digest") == ensemble.digest(subset):
             return {name: forget_sets.load_index_file(directory / entry["file"], len(labels))
                     for name, entry in manifest["sets"].items()}, None
@@ -69,17 +73,33 @@ def available_sets(directory: Path, subset: np.ndarray, labels: np.ndarray, seed
 
 
 def load_datamodels(path: Path, subset: np.ndarray) -> np.ndarray:
-    """The datamodel matrix of ``path``, checked to be fitted on the study subset."""
+    """The ``(n, n)`` datamodel matrix of ``path``, checked to be fitted on the study subset of ``n`` points."""
+    what = "pass the datamodels.npz that python -m ascent_jax.forget_sets wrote"
     if not path.exists():
-        raise FileNotFoundError(f"datamodels file {path} does not exist; pass the datamodels.npz that "
-                                "python -m ascent_jax.forget_sets wrote")
-    with np.load(path) as archive:
-        if "matrix" not in archive.files or "subset" not in archive.files:
-            raise ValueError(f"{path} is not a datamodels.npz of ascent_jax.forget_sets (needs 'matrix' and 'subset')")
-        if not np.array_equal(archive["subset"], subset):
-            raise ValueError(f"the datamodels in {path} were fitted on another study subset; use the same "
-                             "--subset-size and --subset-seed as the forget-sets run")
-        return archive["matrix"]
+        raise FileNotFoundError(f"datamodels file {path} does not exist; {what}")
+    if path.is_dir():
+        raise ValueError(f"datamodels file {path} is a directory; {what}")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"datamodels file {path} is not an .npz archive; {what}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if "matrix" not in archive.files or "subset" not in archive.files:
+                raise ValueError(f"{path} is not a datamodels.npz of ascent_jax.forget_sets (needs 'matrix' and "
+                                 f"'subset'); {what}")
+            if not np.array_equal(archive["subset"], subset):
+                raise ValueError(f"the datamodels in {path} were fitted on another study subset; use the same "
+                                 "--subset-size and --subset-seed as the forget-sets run")
+            matrix = archive["matrix"]
+    except (AttributeError, TypeError, OSError, EOFError, zipfile.BadZipFile) as error:
+        # np.load returns an array, not an archive, for a .npy: AttributeError/TypeError on .files
+        raise ValueError(f"{path} is not a readable datamodels.npz ({type(error).__name__}); {what}") from None
+    n = len(subset)
+    if matrix.shape != (n, n) or not np.issubdtype(matrix.dtype, np.floating):
+        raise ValueError(f"the datamodel matrix in {path} has shape {matrix.shape} and dtype {matrix.dtype}; the "
+                         f"study subset needs a float ({n}, {n}) matrix; {what}")
+    if not np.isfinite(matrix).all():
+        raise ValueError(f"the datamodel matrix in {path} has non-finite entries; fit the datamodels again")
+    return matrix
 
 
 def build_setup(args: argparse.Namespace) -> study.Setup:
@@ -93,7 +113,11 @@ def build_setup(args: argparse.Namespace) -> study.Setup:
     x_test, y_test = data.load("fashion_mnist", "test", args.data_dir)
     subset = datamodels.study_subset(y_train, args.subset_size, args.subset_seed)
     sets, note = available_sets(args.forget_sets_dir, subset, y_train, args.subset_seed)
-    requested = args.forget_set or (list(DEFAULT_SETS) if note is None else ["fallback-random100"])
+    if not sets:
+        raise ValueError(f"--subset-size {args.subset_size} is too small for any forget set (the smallest random "
+                         "fallback has 10 points); pass a larger --subset-size")
+    fallback = "fallback-random100" if "fallback-random100" in sets else max(sets, key=lambda n: len(sets[n]))
+    requested = args.forget_set or (list(DEFAULT_SETS) if note is None else [fallback])
     chosen = study.resolve_forget_sets(requested, sets, len(y_train), subset)
     matrix = load_datamodels(args.datamodels, subset) if args.datamodels is not None else None
     info = data.FASHION_MNIST

@@ -16,6 +16,11 @@ the merge is refused. OUT (which may be one of the RUN_DIRs) receives ``results.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the slow imports: Ctrl-C at any moment is one line
+    from ascent_jax.cli import quiet_interrupts
+
+    quiet_interrupts()
+
 import argparse
 import json
 import sys
@@ -28,9 +33,11 @@ from ascent_jax import files
 from ascent_jax.cli import ArgumentParser, check_writable, run_main
 from experiments import plots
 
-KEY = ["forget_set", "method", "params", "epochs"]
+KEY = ["forget_set", "method", "params", "epochs", "datamodels_digest"]
 VOLATILE = ["wall_time_s", "device"]  # legitimately differ between two runs of the same config
-STUDY = ["dataset", "model", "ensemble"]  # one value per table and across tables
+# the run's identity (experiments.study.Setup.identity): one value per table and across tables
+STUDY = ["dataset", "model", "ensemble", "seed", "pretrain", "subset_digest", "test_digest"]
+PER_SET = ["forget_size", "forget_digest"]  # one value per forget set, across tables
 WITNESSES = ("pretrained", "oracle")  # equal rows prove the same replicas and oracles
 
 
@@ -41,13 +48,33 @@ def _same(a, b) -> bool:
     return bool(a == b)
 
 
+def _check_columns(tables: dict[str, pd.DataFrame]) -> None:
+    """Every table has the key and identity columns (tables written before rows carried their identity do not)."""
+    for source, table in tables.items():
+        missing = [c for c in [*KEY, *STUDY, *PER_SET] if c not in table.columns]
+        if missing:
+            raise ValueError(f"the table of {source} has no column {', '.join(missing)}: it is not a study's results "
+                             "table, or one written before rows carried the run's identity (rerun its study, or its "
+                             "--snapshot, with this version)")
+
+
 def _check_study(tables: dict[str, pd.DataFrame]) -> None:
-    """Every table describes one dataset, model and N, the same for all."""
+    """Every table describes one study (dataset, model, N, seed, recipe, subset), the same for all; a forget
+    set's name means the same points in every table."""
     for column in STUDY:
         values = {source: sorted(map(str, table[column].unique())) for source, table in tables.items()}
         if any(len(v) != 1 for v in values.values()) or len({v[0] for v in values.values()}) != 1:
             listed = "; ".join(f"{source}: {', '.join(v)}" for source, v in values.items())
             raise ValueError(f"the tables are not one study: they differ in {column} ({listed})")
+    for column in PER_SET:
+        seen: dict[str, tuple[str, str]] = {}
+        for source, table in tables.items():
+            for name, values in table.groupby("forget_set")[column]:
+                value = sorted(map(str, values.unique()))
+                if len(value) != 1 or seen.setdefault(name, (source, value[0]))[1] != value[0]:
+                    listed = f"{seen[name][0]}: {seen[name][1]}; {source}: {', '.join(value)}"
+                    raise ValueError(f"forget set {name} is not the same set in every table: {column} differs "
+                                     f"({listed}); merge only pieces of one study")
 
 
 def _check_agreement(tables: dict[str, pd.DataFrame]) -> None:
@@ -89,6 +116,7 @@ def merge(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
     Rows keep the order of the first table that has them; later tables add only new keys.
     """
+    _check_columns(tables)
     _check_study(tables)
     _check_agreement(tables)
     merged = pd.concat(list(tables.values()), ignore_index=True)
@@ -103,11 +131,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="run directories (each holds results.parquet or results.csv) of one study")
     parser.add_argument("--time-method", default=None, help="method of the KLoM-over-time plot (default: every method)")
     args = parser.parse_args(argv)
-    check_writable(args.out)
+    check_writable(args.out, "OUT")
     if len(set(map(Path.resolve, args.run_dirs))) != len(args.run_dirs):
         raise ValueError("a RUN_DIR is named twice; name each run directory once")
     tables = {str(source): plots.load(source) for source in args.run_dirs}
     table = merge(tables)
+    plots.check(table, args.out / "results.parquet", args.time_method)
     plots.save(table, args.out)
     provenance = {"rows": len(table), "sources": {source: len(rows) for source, rows in tables.items()}}
     files.atomic_write(args.out / "merged_from.json", lambda h: h.write(json.dumps(provenance, indent=2).encode()))

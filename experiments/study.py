@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -40,6 +41,13 @@ from ascent_jax.cli import add_engine_arguments, positive_float, positive_int, p
 from ascent_jax.models import Model
 from ascent_jax.unlearn import grids
 from experiments import plots
+
+
+DATAMODEL_TARGETS = ("dmm",)  # methods whose targets the study builds from --datamodels
+NO_DATAMODELS = "none"  # the datamodels digest of rows that use none (not "": CSV would read it back as NaN)
+MIN_REPLICAS = 2  # KLoM compares margin distributions over replicas
+MAX_STEPS = 2**31 - 1  # optimiser step counters are int32
+HOST_MEMORY_FRACTION = 0.8  # of the machine's RAM a plan may use for what the study holds on the host
 
 
 @dataclasses.dataclass
@@ -70,6 +78,16 @@ class Setup:
         return {"dataset": self.dataset, "model": self.model.name, "train": dataclasses.asdict(self.train),
                 "ensemble": self.ensemble, "seed": self.options.seed, "subset": ensemble.digest(self.subset),
                 "test": ensemble.digest(self.test_labels)}
+
+    def identity(self) -> dict:
+        """The run's identity, a column each in every result row, so two studies' rows never pass as one's."""
+        return {"dataset": self.dataset, "model": self.model.name, "ensemble": self.ensemble, "seed": self.options.seed,
+                "pretrain": json.dumps(dataclasses.asdict(self.train), sort_keys=True),
+                "subset_digest": ensemble.digest(self.subset), "test_digest": ensemble.digest(self.test_labels)}
+
+    def datamodels_digest(self) -> str:
+        """Digest of the datamodel matrix (``"none"`` without datamodels): rows built on it carry it."""
+        return NO_DATAMODELS if self.datamodel_matrix is None else ensemble.digest(self.datamodel_matrix)
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,13 +132,13 @@ def check_methods(requested: list[str] | None, grid: str, has_datamodels: bool) 
         raise ValueError(f"unknown grid preset {grid!r}; choose one of {', '.join(grids.PRESETS)}")
     available = [m for m in grid_methods() if m in grids.PRESETS[grid]]
     if requested is None:
-        return tuple(m for m in available if m != "dmm" or has_datamodels)
+        return tuple(m for m in available if m not in DATAMODEL_TARGETS or has_datamodels)
     for name in requested:
         unlearn.get(name)  # unknown names: the registry's message
         if name not in grids.PRESETS[grid]:
             raise ValueError(f"grid {grid!r} has no configs for method {name!r}; it covers {', '.join(available)}")
-        if name == "dmm" and not has_datamodels:
-            raise ValueError("method dmm needs datamodels: pass --datamodels (datamodels.npz of ascent_jax.forget_sets)")
+        if name in DATAMODEL_TARGETS and not has_datamodels:
+            raise ValueError(f"method {name} needs datamodels: pass --datamodels (datamodels.npz of ascent_jax.forget_sets)")
     return tuple(dict.fromkeys(requested))
 
 
@@ -128,13 +146,22 @@ def resolve_forget_sets(requested: list[str], available: dict[str, np.ndarray], 
                         subset: np.ndarray) -> dict[str, np.ndarray]:
     """Forget sets by name (of ``available``), ``all``, or index file; each must lie in the study subset."""
     chosen: dict[str, np.ndarray] = {}
+    files_named: dict[str, Path] = {}  # set name -> the index file it came from
     for item in requested:
         if item == "all":
             chosen.update(available)
         elif item in available:
             chosen[item] = available[item]
         elif Path(item).suffix in (".npy", ".txt", ".json") or Path(item).exists():
-            chosen[Path(item).stem] = forget_sets.load_index_file(item, num_train)
+            path, name = Path(item), Path(item).stem
+            if name in available:
+                raise ValueError(f"forget set file {path} is named {name!r} like a set of the forget-sets folder; "
+                                 "rename the file (forget-set names must be unique in a run)")
+            if name in files_named and files_named[name].resolve() != path.resolve():
+                raise ValueError(f"forget set files {files_named[name]} and {path} are both named {name!r}; rename "
+                                 "one (forget-set names must be unique in a run)")
+            files_named[name] = path
+            chosen[name] = forget_sets.load_index_file(item, num_train)
         else:
             raise ValueError(f"unknown forget set {item!r}: give a set name ({', '.join(available) or 'none available'}), "
                              "'all', or an index file (.npy/.txt/.json)")
@@ -206,6 +233,15 @@ def score(oracle: np.ndarray, unlearned: np.ndarray, correct: np.ndarray | None,
     return row
 
 
+def read_saved_forget_set(path: Path) -> np.ndarray:
+    """A run directory's ``sets/NAME/forget.npy``; a damaged one is named with what to delete."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        raise ValueError(f"{path} is damaged ({type(error).__name__}); delete {path.parent} and rerun to recompute "
+                         "that forget set's stages") from None
+
+
 def device_name() -> str:
     """The accelerator (or CPU) the study runs on, for the table."""
     device = jax.devices()[0]
@@ -258,11 +294,21 @@ class Study:
         """Record ``sets/NAME/forget.npy``, or check that the cached stages of NAME used these indices."""
         path = self.out / "sets" / name / "forget.npy"
         if path.exists() or read_only:
-            if not np.array_equal(np.load(path), forget):
+            if not np.array_equal(read_saved_forget_set(path), forget):
                 raise ValueError(f"{path.parent} holds results for another forget set named {name!r}; rename the "
                                  f"set's file, use another --out, or delete {path.parent}")
             return
         files.atomic_write(path, lambda h: np.save(h, np.asarray(forget, np.int64)))
+
+    def release(self) -> None:
+        """Remove what :meth:`claim` and pretraining wrote into a fresh run directory (the folder too if it is empty)."""
+        if not ensemble.is_writer():
+            return
+        shutil.rmtree(self.out / "pretrain", ignore_errors=True)
+        for name in ("run.json", "pretrain_accuracy.csv"):
+            (self.out / name).unlink(missing_ok=True)
+        if not any(self.out.iterdir()):
+            self.out.rmdir()
 
     def prune(self, directory: Path) -> None:
         """Delete a finished stage's checkpoints unless --keep-checkpoints."""
@@ -292,6 +338,10 @@ class Study:
                                       checkpoint_dir=self.out / "pretrain", desc="pretrain")
         margins, correct = train.margin_evaluator(s.model, s.norm, np.concatenate([s.images, s.test_images]),
                                                   self.eval_labels, s.options)(result.states)
+        broken = ~np.isfinite(margins).all(axis=1)
+        if broken.any():  # the loss checked each epoch was finite, but the last step left non-finite weights
+            raise train.DivergedError(f"member(s) {np.flatnonzero(broken).tolist()} have non-finite outputs after "
+                                      f"pretraining; lower the learning rate (peak_lr={s.train.peak_lr})")
         test_accuracy = np.mean(correct[:, self.num_train:], axis=1)
         table = pd.DataFrame({"member": np.arange(s.ensemble), "model": s.model.name, "epochs": s.train.epochs,
                               "train_loss": result.metrics["loss"][-1], "test_accuracy": test_accuracy})
@@ -315,6 +365,10 @@ class Study:
         result = unlearn.unlearn(unlearn.RetrainConfig(train=s.train), s.model, None, s.images, s.labels, s.norm,
                                  positions, s.options, num_members=2 * s.ensemble, test_images=s.test_images,
                                  test_labels=s.test_labels, keep_variables=True, checkpoint_dir=work)
+        if result.diverged.any():
+            raise ValueError(f"retraining the oracles of forget set {name} diverged (oracles "
+                             f"{np.flatnonzero(result.diverged).tolist()[:5]}...) under the pretraining recipe; delete "
+                             f"{self.out} and rerun with a lower --pretrain-lr")
         _, targets = unlearn.split_oracles(result.variables[s.train.epochs], s.ensemble)
         arrays = {"margins": result.margins[s.train.epochs], "correct": result.correct[s.train.epochs],
                   "target_logits": unlearn.target_logits(s.model, targets, s.images, s.norm, s.options).astype(np.float32)}
@@ -323,38 +377,76 @@ class Study:
         return arrays
 
     def reference_rows(self, name: str, forget: np.ndarray, oracle: dict, pretrained_margins: np.ndarray,
-                       pretrained_correct: np.ndarray, dm_margins: np.ndarray | None) -> list[dict]:
-        """The pretrained model, the independent oracles (noise floor) and DM-direct, scored like methods."""
+                       pretrained_correct: np.ndarray, dm_margins: np.ndarray | None,
+                       read_only: bool = False) -> list[dict]:
+        """The pretrained model, the independent oracles (noise floor) and DM-direct, scored like methods.
+
+        Their rows are also kept in the set's store (``rows/references``, ``rows/dm_direct-DIGEST``)
+        so the table of a later invocation still has them (:meth:`finished_rows`).
+        """
         n = self.setup.ensemble
         positions = self.positions(forget)
         evaluation = oracle["margins"][:n]
-        rows = [self.row(name, forget, "pretrained", {}, 0.0,
-                         score(evaluation, pretrained_margins, pretrained_correct, positions)),
-                self.row(name, forget, "oracle", {}, 1.0,
-                         score(evaluation, oracle["margins"][n:], oracle["correct"][n:], positions))]
+        entries = {"rows/references": [
+            self.row(name, forget, "pretrained", {}, 0.0, score(evaluation, pretrained_margins, pretrained_correct,
+                                                                 positions)),
+            self.row(name, forget, "oracle", {}, 1.0, score(evaluation, oracle["margins"][n:], oracle["correct"][n:],
+                                                             positions))]}
         if dm_margins is not None:
             train_positions = {k: v for k, v in positions.items() if k != "val"}
             scores = score(evaluation[:, : self.num_train], dm_margins, None, {**train_positions, "val": np.arange(0)})
-            rows.append(self.row(name, forget, "dm_direct", {}, 0.0, scores))
+            digest = self.setup.datamodels_digest()
+            entries[f"rows/dm_direct-{digest}"] = [self.row(name, forget, "dm_direct", {}, 0.0, scores,
+                                                            datamodels=digest)]
+        store, tag = ensemble.Store(self.out / "sets" / name), self.stage_tag(forget)
+        rows = []
+        for entry, entry_rows in entries.items():
+            entry_rows = json.loads(json.dumps(entry_rows))  # exactly as a later invocation reads them back
+            if not read_only and not store.check(entry, tag):
+                store.save(entry, tag, meta={"rows": entry_rows})
+            rows += entry_rows
         return rows
 
-    def row(self, name, forget, method, params: dict, cost: float, scores: dict, **extra) -> dict:
-        """One tidy result row."""
+    def finished_rows(self, have: set[tuple[str, str]]) -> list[dict]:
+        """Rows of every stage finished in the run directory by any invocation, except the entries ``have``.
+
+        A run directory's table accumulates: rerunning it with other methods or forget sets adds
+        rows and never drops those an earlier invocation computed.
+        """
+        rows = []
+        for forget_file in sorted((self.out / "sets").glob("*/forget.npy")):
+            name = forget_file.parent.name
+            store, tag = ensemble.Store(forget_file.parent), self.stage_tag(read_saved_forget_set(forget_file))
+            for entry in sorted(p.name for p in (forget_file.parent / "rows").glob("[!.]*")):
+                if (name, f"rows/{entry}") not in have and store.check(f"rows/{entry}", tag):
+                    rows += store.meta(f"rows/{entry}")["rows"]
+        return rows
+
+    def row(self, name, forget, method, params: dict, cost: float, scores: dict, *, datamodels: str = NO_DATAMODELS,
+            **extra) -> dict:
+        """One tidy result row, with the run's identity and the digests of its forget set and datamodels."""
         return {"forget_set": name, "forget_size": len(forget), "method": method,
                 "params": json.dumps(params, sort_keys=True), "lr": params.get("lr", np.nan),
                 "epochs": params.get("epochs", 0), **scores, "diverged": False, "diverged_fraction": 0.0,
                 "diverged_fraction_a": 0.0, "diverged_epoch": -1, "relative_cost": cost, "wall_time_s": 0.0,
-                "device": self.device, "ensemble": self.setup.ensemble, "model": self.setup.model.name,
-                "dataset": self.setup.dataset, **extra}
+                "device": self.device, **self.setup.identity(), "forget_digest": ensemble.digest(np.asarray(forget, np.int64)),
+                "datamodels_digest": datamodels, **extra}
+
+    def rows_datamodels(self, method: str) -> str:
+        """The datamodels digest a method's rows depend on (``"none"`` unless its targets come from datamodels)."""
+        return self.setup.datamodels_digest() if method in DATAMODEL_TARGETS else NO_DATAMODELS
 
     def rows_entry(self, run: grids.Run) -> str:
         """The store entry (under ``sets/SET``) of the rows of one grid run."""
-        key = ensemble.fingerprint({"config": dataclasses.asdict(run.config), "snapshots": run.snapshot_epochs})
-        return f"rows/{unlearn.get(run.config).name}-{key}"
+        method = unlearn.get(run.config).name
+        key = ensemble.fingerprint({"config": dataclasses.asdict(run.config), "snapshots": run.snapshot_epochs,
+                                    "datamodels": self.rows_datamodels(method)})
+        return f"rows/{method}-{key}"
 
     def stage_tag(self, forget: np.ndarray) -> str:
         """The fingerprint of a forget set's cached stages: the study's configuration and the set."""
-        return ensemble.fingerprint({"study": self.setup.fingerprint_config(), "forget": ensemble.digest(forget)})
+        return ensemble.fingerprint({"study": self.setup.fingerprint_config(),
+                                     "forget": ensemble.digest(np.asarray(forget, np.int64))})
 
     def grid_run(self, name: str, forget: np.ndarray, run: grids.Run, pretrained: Any, targets: np.ndarray | None,
                  oracle_margins: np.ndarray) -> list[dict]:
@@ -385,7 +477,7 @@ class Study:
                 diverged=bool(diverged.any()),
                 diverged_fraction=float(diverged.mean()), diverged_fraction_a=float(diverged[:half].mean()),
                 diverged_epoch=int(result.diverged_epoch[diverged].min()) if diverged.any() else -1,
-                wall_time_s=wall))
+                wall_time_s=wall, datamodels=self.rows_datamodels(method)))
         rows = json.loads(json.dumps(rows))  # exactly as a resumed run reads them back
         store.save(entry, tag, meta={"rows": rows})
         self.prune(work)
@@ -402,14 +494,21 @@ class Study:
         """
         s = self.setup
         read_only = snapshot is not None
+        fresh = not (self.out / "run.json").exists()
         self.claim(read_only)
-        pretrained, pretrained_margins, pretrained_correct = self.pretrain(read_only)
+        try:
+            pretrained, pretrained_margins, pretrained_correct = self.pretrain(read_only)
+        except train.DivergedError as error:
+            if fresh:  # nothing of this study exists yet: do not leave a run directory the fix would be refused by
+                self.release()
+            raise ValueError(f"pretraining diverged: {error}" + (f"; nothing was kept in {self.out}" if fresh else "")
+                             ) from None
         if pretrain_only:
             return None
         dm = None
         if s.datamodel_matrix is not None:
             dm = {"pretrained_logits": unlearn.target_logits(s.model, pretrained, s.images, s.norm, s.options)}
-        rows, oracles, runs = [], {}, []
+        rows, oracles, runs, have = [], {}, [], set()
         sets = dict(s.forget_sets)
         for name, forget in s.forget_sets.items():
             if read_only and not ensemble.Store(self.out / "sets" / name).check("oracles", self.stage_tag(forget)):
@@ -424,7 +523,9 @@ class Study:
                 dm_margins = datamodels.dm_direct_margins(pretrained_margins[:, : self.num_train],
                                                           s.datamodel_matrix, forget_pos).astype(np.float32)
                 dm[name] = unlearn.datamodel_targets(dm["pretrained_logits"], s.labels, dm_margins)
-            rows += self.reference_rows(name, forget, oracles[name], pretrained_margins, pretrained_correct, dm_margins)
+            rows += self.reference_rows(name, forget, oracles[name], pretrained_margins, pretrained_correct, dm_margins,
+                                        read_only)
+            have |= {(name, "rows/references"), (name, f"rows/dm_direct-{s.datamodels_digest()}")}
         # methods outer, sets inner: a partial run already compares every set for the first methods
         for method in s.methods:
             for name in sets:
@@ -439,17 +540,50 @@ class Study:
             targets = {"om": oracles[name].get("target_logits"), "dmm": (dm or {}).get(name)}.get(method)
             rows += self.grid_run(name, s.forget_sets[name], run, pretrained, targets,
                                   oracles[name]["margins"][: s.ensemble])
-        table = pd.DataFrame(rows)
+            have.add((name, self.rows_entry(run)))
+        table = pd.DataFrame(rows + self.finished_rows(have))
         plots.save(table, snapshot or self.out)
         return table
 
 
+def host_bytes(setup: Setup) -> int:
+    """Bytes the study holds on the host at its peak: replicas' and oracles' variables, margins and targets."""
+    s = setup
+    shapes = jax.eval_shape(lambda key: s.model.init(key, tuple(s.images.shape[1:])), jax.random.key(0))
+    per_model = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(shapes))
+    n_eval = len(s.images) + len(s.test_images)
+    num_classes = int(max(s.labels.max(), s.test_labels.max())) + 1
+    margins = n_eval * (4 + 1)  # float32 margin and a correctness flag per point
+    return int(3 * s.ensemble * per_model  # pretrained replicas + 2N oracles' variables
+               + 4 * s.ensemble * margins  # pretrained, 2N oracles and one unlearning run's margins
+               + 2 * s.ensemble * len(s.images) * num_classes * 4)  # target logits (OM, DMM)
+
+
+def check_plan(setup: Setup, pretrain_only: bool = False) -> None:
+    """Refuse a plan that would fail after training started, before anything is trained or written."""
+    s = setup
+    if s.ensemble < MIN_REPLICAS and not pretrain_only:
+        raise ValueError(f"--ensemble {s.ensemble}: KLoM compares the margin distributions of N replicas with N "
+                         f"oracles and needs N >= {MIN_REPLICAS}; pass --ensemble {MIN_REPLICAS} or more "
+                         "(or --pretrain-only)")
+    steps = s.train.epochs * -(-len(s.images) // s.train.batch_size)
+    if steps > MAX_STEPS:
+        raise ValueError(f"--epochs {s.train.epochs}: {steps} optimiser steps at batch {s.train.batch_size} exceed the "
+                         f"step counter's {MAX_STEPS}; pass fewer --epochs")
+    needed, available = host_bytes(s), os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > HOST_MEMORY_FRACTION * available:
+        raise ValueError(f"--ensemble {s.ensemble}: the study would hold about {needed / 2**30:.1f} GiB on the host "
+                         f"(replicas' and oracles' weights and margins), more than {HOST_MEMORY_FRACTION:.0%} of this "
+                         f"machine's {available / 2**30:.1f} GiB; pass a smaller --ensemble")
+
+
 def execute(setup: Setup, out: Path, *, pretrain_only: bool = False, snapshot: Path | None = None,
             extra_plan: str | None = None) -> int:
-    """What both CLIs do: print the plan, run (resuming), draw the plots, print the summary.
+    """What both CLIs do: check and print the plan, run (resuming), draw the plots, print the summary.
 
     With ``snapshot`` nothing is trained: what ``out`` has finished is tabulated into ``snapshot``.
     """
+    check_plan(setup, pretrain_only)
     if ensemble.is_writer():
         print(describe(setup) + (f"\n{extra_plan}" if extra_plan else "") + f"\n{memory_plan(setup)}", flush=True)
     table = Study(setup, out).run(pretrain_only=pretrain_only, snapshot=snapshot)

@@ -7,6 +7,8 @@ a single ``error:`` line on stderr, no traceback, nothing on stdout and no outpu
 
 from __future__ import annotations
 
+import errno
+import functools
 import gzip
 import io
 import json
@@ -25,7 +27,7 @@ import pandas as pd
 import pytest
 
 import cifar_fixtures as cf
-from ascent_jax import data, ensemble, forget_sets, klom, models, train, unlearn
+from ascent_jax import data, datamodels, ensemble, forget_sets, klom, models, train, unlearn
 from ascent_jax.cli import run_main
 from ascent_jax.unlearn import grids
 from experiments import cifar, fashion, merge, plots
@@ -813,17 +815,56 @@ STUDY_CASES = [
     pytest.param(["--data-dir", "{empty}"], r"{empty} has neither train-images-idx3-ubyte.gz nor", id="data-dir-empty"),
     pytest.param(["--datamodels", "{nowhere}"], r"datamodels file {nowhere} does not exist", id="datamodels-missing"),
     pytest.param(["--out", "{a_file}"], r"output directory {a_file} is not writable \(or is a file\)", id="out-is-a-file"),
+    # whole-plan checks: what used to fail only after training had written the run directory
+    pytest.param(["--ensemble", "1"], r"--ensemble 1: KLoM compares the margin distributions of N replicas with N "
+                 r"oracles and needs N >= 2; pass --ensemble 2 or more \(or --pretrain-only\)$", id="ensemble-1"),
+    pytest.param(["--epochs", "1000000000"], r"--epochs 1000000000: 20000000000 optimiser steps at batch 512 exceed "
+                 r"the step counter's 2147483647; pass fewer --epochs$", id="epochs-overflow"),
+    pytest.param(["--ensemble", "1000000", "--subset-size", "300"], r"--ensemble 1000000: the study would hold about "
+                 r"[\d.]+ GiB on the host \(replicas' and oracles' weights and margins\), more than 80% of this "
+                 r"machine's [\d.]+ GiB; pass a smaller --ensemble$", id="ensemble-beyond-host-memory"),
+    pytest.param(["--datamodels", "{npy}"], r"datamodels file {npy} is not an .npz archive; pass the datamodels.npz "
+                 r"that python -m ascent_jax.forget_sets wrote$", id="datamodels-npy"),
+    pytest.param(["--datamodels", "{empty}"], r"datamodels file {empty} is a directory; pass the datamodels.npz",
+                 id="datamodels-directory"),
+    pytest.param(["--datamodels", "{garbage_npz}"], r"datamodels file {garbage_npz} is not an .npz archive",
+                 id="datamodels-garbage"),
+    pytest.param(["--datamodels", "{square_npz}", "--subset-size", "300"], r"the datamodel matrix in {square_npz} has "
+                 r"shape \(3, 3\) and dtype float64; the study subset needs a float \(300, 300\) matrix",
+                 id="datamodels-wrong-shape"),
+    pytest.param(["--forget-set", "{mine_a}", "--forget-set", "{mine_b}", "--subset-size", "300"],
+                 r"forget set files {mine_a} and {mine_b} are both named 'mine'; rename one \(forget-set names must "
+                 r"be unique in a run\)$", id="forget-set-name-collision"),
+    pytest.param(["--forget-set", "{committed_name}"], r"forget set file {committed_name} is named 'set2-random100' "
+                 r"like a set of the forget-sets folder; rename the file", id="forget-set-named-like-a-committed-one"),
+    pytest.param(["--forget-sets-dir", "{a_file}"], r"{a_file} is a file, not a folder of forget sets",
+                 id="forget-sets-dir-is-a-file"),
 ]
+
+
+@functools.cache
+def study_subset(size: int) -> np.ndarray:
+    """The study subset ``experiments.fashion`` draws at ``--subset-size size`` (seed 0)."""
+    return datamodels.study_subset(data.load("fashion_mnist", "train")[1], size, 0)
 
 
 @pytest.fixture
 def study_paths(tmp_path) -> dict[str, Path]:
     (tmp_path / "empty").mkdir()
     (tmp_path / "a_file").write_text("keep me")
+    np.save(tmp_path / "dm.npy", np.zeros((3, 3)))
+    (tmp_path / "garbage.npz").write_bytes(b"not a zip archive")
+    np.savez(tmp_path / "square.npz", matrix=np.zeros((3, 3)), subset=study_subset(300))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
     return {"empty": tmp_path / "empty", "nowhere": tmp_path / "nowhere.npz", "a_file": tmp_path / "a_file",
             "out": tmp_path / "out", "bad_index": write_index_file(tmp_path / "bad.txt", "3 60000 70000"),
             "empty_index": write_index_file(tmp_path / "empty.txt", ""),
-            "outside_index": write_index_file(tmp_path / "outside.txt", " ".join(map(str, range(0, 60000, 5))))}
+            "outside_index": write_index_file(tmp_path / "outside.txt", " ".join(map(str, range(0, 60000, 5)))),
+            "npy": tmp_path / "dm.npy", "garbage_npz": tmp_path / "garbage.npz", "square_npz": tmp_path / "square.npz",
+            "mine_a": write_index_file(tmp_path / "a" / "mine.txt", "1 2 3"),
+            "mine_b": write_index_file(tmp_path / "b" / "mine.txt", "4 5 6"),
+            "committed_name": write_index_file(tmp_path / "set2-random100.txt", "1 2 3 4 5")}
 
 
 @pytest.mark.parametrize("args, fragment", STUDY_CASES)
@@ -834,6 +875,22 @@ def test_bad_fashion_study_input(capsys, study_paths, args, fragment):
     result = call_cli(capsys, *args, *out, "--no-progress", main=fashion.main)
     assert_user_error(result, fill_pattern(fragment, study_paths), prog="python -m experiments.fashion")
     assert not study_paths["out"].exists() and study_paths["a_file"].read_text() == "keep me"
+
+
+@pytest.mark.parametrize("epochs, what", [
+    ("1", "have non-finite outputs after pretraining"),  # its one loss was finite, the step was not
+    ("3", "reached a non-finite loss in epoch 2"),
+])
+def test_diverging_pretraining_leaves_no_run_directory(capsys, study_paths, epochs, what):
+    """Found only once training runs: one line, and the fresh run directory is removed so the fix is not refused."""
+    out = study_paths["out"]
+    result = call_cli(capsys, "--pretrain-lr", "1e308", "--epochs", epochs, "--subset-size", "300", "--method", "ga",
+                      "--out", str(out), "--no-progress", main=fashion.main)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [
+        f"error: pretraining diverged: member(s) [0, 1, 2, 3, 4, 5, 6, 7] {what}; lower the learning rate "
+        f"(peak_lr=1e+308); nothing was kept in {out}"]
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -857,12 +914,16 @@ def test_plots_of_a_folder_without_a_study(capsys, tmp_path):
 
 # --- experiments.merge --------------------------------------------------------------
 
+_ROW = {"forget_set": "s", "forget_size": 10, "params": "{}", "epochs": 0, "klom_p95_forget": 1.0,
+        "wall_time_s": 0.0, "device": "cpu:cpu", "ensemble": 4, "model": "mlp", "dataset": "fashion_mnist",
+        "seed": 0, "pretrain": '{"epochs": 10}', "subset_digest": "aaaa", "test_digest": "bbbb",
+        "forget_digest": "cccc", "datamodels_digest": "none"}  # a tiny study row with the run's identity
+
+
 def _results_dir(folder: Path, rows: list[dict]) -> Path:
     """A run directory holding only a results.csv of ``rows`` (each a tiny study row)."""
-    base = {"forget_set": "s", "forget_size": 10, "params": "{}", "epochs": 0, "klom_p95_forget": 1.0,
-            "wall_time_s": 0.0, "device": "cpu:cpu", "ensemble": 4, "model": "mlp", "dataset": "fashion_mnist"}
     folder.mkdir(parents=True)
-    pd.DataFrame([{**base, **row} for row in rows]).to_csv(folder / "results.csv", index=False)
+    pd.DataFrame([{**_ROW, **row} for row in rows]).to_csv(folder / "results.csv", index=False)
     return folder
 
 
@@ -878,6 +939,15 @@ _WITNESSES = [{"method": "pretrained"}, {"method": "oracle", "klom_p95_forget": 
     pytest.param([{"method": "ga", "params": '{"lr": 0.1}', "epochs": 1}],
                  r"{b} has no pretrained or oracle row for forget set s, so it cannot be checked to be the same study",
                  id="no-witnesses"),
+    pytest.param([{**w, "seed": 1} for w in _WITNESSES],  # the reviewer's case: other seed, rows look alike
+                 r"the tables are not one study: they differ in seed \({a}: 0; {b}: 1\)$", id="other-seed"),
+    pytest.param([{**w, "pretrain": '{"epochs": 9}'} for w in _WITNESSES],
+                 r"the tables are not one study: they differ in pretrain", id="other-recipe"),
+    pytest.param([{**w, "subset_digest": "dddd"} for w in _WITNESSES],
+                 r"the tables are not one study: they differ in subset_digest", id="other-subset"),
+    pytest.param([{**w, "forget_digest": "eeee"} for w in _WITNESSES],
+                 r"forget set s is not the same set in every table: forget_digest differs \({a}: cccc; {b}: eeee\); "
+                 r"merge only pieces of one study$", id="other-points-under-one-name"),
     pytest.param([*_WITNESSES, {"method": "ga", "epochs": 1}, {"method": "ga", "epochs": 1}],
                  r"{b} has two rows for forget set s, method ga, params {{}}, 1 epochs; it is not a study's results",
                  id="duplicated-row"),
@@ -905,3 +975,66 @@ def test_merge_of_a_folder_without_a_study(capsys, tmp_path):
     assert_user_error(result, rf"{re.escape(str(tmp_path / 'empty'))} has no results.parquet or results.csv",
                       prog="python -m experiments.merge")
     assert not (tmp_path / "out").exists()
+
+
+def test_merge_of_a_table_without_the_run_identity(capsys, tmp_path):
+    a = _results_dir(tmp_path / "a", _WITNESSES)
+    old = _results_dir(tmp_path / "old", _WITNESSES)  # written before rows carried seed, recipe and digests
+    pd.read_csv(old / "results.csv").drop(columns=["seed", "forget_digest"]).to_csv(old / "results.csv", index=False)
+    result = call_cli(capsys, str(tmp_path / "out"), str(a), str(old), main=merge.main)
+    assert_user_error(result, rf"the table of {re.escape(str(old))} has no column seed, forget_digest: it is not a "
+                      r"study's results table, or one written before rows carried the run's identity",
+                      prog="python -m experiments.merge")
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_into_an_unwritable_out_names_the_positional_argument(capsys, tmp_path):
+    a = _results_dir(tmp_path / "a", _WITNESSES)
+    (tmp_path / "a_file").write_text("keep me")
+    result = call_cli(capsys, str(tmp_path / "a_file"), str(a), main=merge.main)
+    assert_user_error(result, r"is not writable \(or is a file\); pass OUT as a writable folder$",
+                      prog="python -m experiments.merge")
+
+
+def test_merge_with_an_unknown_time_method_writes_nothing(capsys, tmp_path):
+    complete = {column: 0.0 for column in plots.REQUIRED if column not in _ROW}  # every column the plots read
+    a = _results_dir(tmp_path / "a", [{**complete, **row} for row in
+                                      [*_WITNESSES, {"method": "ga", "params": '{"lr": 0.1}', "epochs": 1}]])
+    result = call_cli(capsys, str(tmp_path / "out"), str(a), "--time-method", "nope", main=merge.main)
+    assert_user_error(result, r"--time-method nope is not a method of .*; choose one of: ga$",
+                      prog="python -m experiments.merge")
+    assert not (tmp_path / "out").exists()
+
+
+# --- faults: a full disk, Ctrl-C, damaged cache files ------------------------------------
+
+def _full_disk(path: str) -> OSError:
+    return OSError(errno.ENOSPC, "No space left on device", path)
+
+
+def _raise_direct(argv):
+    raise _full_disk("/data/run/sets/s/rows/x")
+
+
+def _raise_wrapped(argv):  # orbax's writer threads re-raise the OSError as the cause of their own error
+    try:
+        raise _full_disk("/data/run/pretrain/members-0000-0003/3")
+    except OSError as cause:
+        raise RuntimeError("checkpoint save failed") from cause
+
+
+@pytest.mark.parametrize("main, folder", [(_raise_direct, "/data/run/sets/s/rows"),
+                                          (_raise_wrapped, "/data/run/pretrain/members-0000-0003")])
+def test_disk_full_is_one_line_naming_the_folder(capsys, main, folder):
+    result = call_cli(capsys, main=main)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [f"error: no space left on the device of {folder}; free some space and "
+                                          "rerun the same command to resume"]
+
+
+def test_other_exceptions_still_raise():
+    def main(argv):
+        raise RuntimeError("a bug, not a user error")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_main(main, [])

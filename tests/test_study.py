@@ -178,11 +178,17 @@ def test_run_dir_of_another_configuration_is_refused(smoke, capsys):
 
 def test_another_forget_set_under_a_cached_name_is_refused(smoke, tmp_path, capsys):
     cached = np.load(smoke / "sets" / "fallback-random10" / "forget.npy")
-    other = tmp_path / "fallback-random10.npy"  # same name, one point fewer
-    np.save(other, cached[:-1])
-    assert run_main(fashion.main, [*TINY, "--forget-set", str(other), "--method", "ga", "--out", str(smoke)]) == 2
-    assert capsys.readouterr().err.startswith(
-        f"error: {smoke / 'sets' / 'fallback-random10'} holds results for another forget set named 'fallback-random10'")
+    held = smoke / "sets" / "custom"
+    held.mkdir()
+    try:
+        np.save(held / "forget.npy", cached[:-1])  # what an earlier invocation ran under the name "custom"
+        other = tmp_path / "custom.npy"  # same name, one point more
+        np.save(other, cached)
+        assert run_main(fashion.main, [*TINY, "--forget-set", str(other), "--method", "ga", "--out", str(smoke)]) == 2
+        assert capsys.readouterr().err.startswith(
+            f"error: {held} holds results for another forget set named 'custom'")
+    finally:
+        shutil.rmtree(held)
 
 
 def test_snapshot_tabulates_finished_stages_without_touching_the_run(smoke, tmp_path):
@@ -212,3 +218,54 @@ def test_cifar_dry_run_plans_without_data_from_the_engine_memory_plan():
     assert per > 100  # ResNet-9 activations at batch 512: hundreds of MiB per member
     assert abs(chunk - (0.85 * 8 * 1024 - fixed) // per) <= 1 and chunks == -(-100 // chunk)  # MiB are rounded
     assert not Path(ROOT / "unused").exists()
+
+
+def test_rerun_with_other_methods_keeps_every_finished_row(smoke, tmp_path):
+    """A run directory's table accumulates: an invocation with only fine-tune keeps GA's and OM's rows."""
+    run = tmp_path / "run"
+    shutil.copytree(smoke, run)
+    before = pd.read_parquet(smoke / "results.parquet")
+    assert run_main(fashion.main, [*TINY, "--method", "finetune", "--out", str(run)]) == 0
+    after = pd.read_parquet(run / "results.parquet")
+    assert len(after) == len(before) + 3 and set(after["method"]) == set(before["method"]) | {"finetune"}
+    kept = after[after["method"] != "finetune"].sort_values(["method", "params", "epochs"]).reset_index(drop=True)
+    expected = before.sort_values(["method", "params", "epochs"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(stable(kept), stable(expected))
+    identity = ["dataset", "model", "ensemble", "seed", "pretrain", "subset_digest", "test_digest", "forget_digest"]
+    assert (after[identity].nunique() == 1).all() and (after["seed"] == 0).all()
+
+
+def test_damaged_cache_entry_is_one_line_naming_what_to_delete(smoke, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(smoke, run)
+    entry = run / "sets" / "fallback-random10" / "oracles"
+    for path in (entry / "arrays").rglob("*"):
+        if path.is_file() and path.stat().st_size > 64:
+            path.write_bytes(path.read_bytes()[:32])  # truncated, as by a failing disk
+    assert run_main(fashion.main, [*TINY, "--method", "ga", "--out", str(run)]) == 2
+    error = capsys.readouterr().err.splitlines()
+    assert len(error) == 1 and error[0].startswith(f"error: cache entry {entry} cannot be read (")
+    assert error[0].endswith("; delete it and rerun")
+    forget = run / "sets" / "fallback-random10" / "forget.npy"
+    forget.write_bytes(forget.read_bytes()[:40])
+    assert run_main(fashion.main, [*TINY, "--method", "ga", "--out", str(run)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {forget} is damaged (ValueError); delete {forget.parent} and rerun to recompute that forget set's "
+        "stages"]
+
+
+def test_ctrl_c_is_one_line_and_the_rerun_resumes(tmp_path, uninterrupted):
+    """SIGINT mid-pretraining: exit 130, one line, no traceback (and no SIGSEGV); the rerun gives the same table."""
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "experiments.fashion", *KILLABLE, "--out", str(out)], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not any(out.glob("pretrain/members-*/1")):
+        assert process.poll() is None and time.time() < deadline, "the study ended before the first checkpoint"
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert stderr.splitlines() == ["interrupted; rerun the same command to resume"]
+    assert run_main(fashion.main, [*KILLABLE, "--out", str(out)]) == 0
+    pd.testing.assert_frame_equal(stable(pd.read_parquet(out / "results.parquet")), stable(uninterrupted))

@@ -2,11 +2,16 @@
 
 import sys
 
-import jax
+if __name__ == "__main__":  # first, before the slow imports: Ctrl-C at any moment is one line
+    from ascent_jax.cli import quiet_interrupts
 
-from ascent_jax.cli import run_main
+    quiet_interrupts()
 
-from .report import main
+import jax  # noqa: E402
+
+from ascent_jax.cli import run_main  # noqa: E402
+
+from .report import main  # noqa: E402
 
 if __name__ == "__main__":
     # A separate process, so float64 can be switched on for the whole run.
