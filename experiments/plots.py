@@ -58,7 +58,7 @@ METHOD_MARKERS = "o^sPvX<>pd"  # taken in turn by the unlearning methods (none i
 MAX_ACCURACY_DROP = 0.05
 WIDTH = 100  # columns of the terminal summary
 CLEARLY_ABOVE = 1.25  # without an interval, "clearly above the floor" means above this many times the oracle's KLoM
-INTERVALS = (("_lo", "_hi"), ("_ci_low", "_ci_high"))  # suffixes of a bootstrap interval's columns, if any
+INTERVALS = (("_ci_low", "_ci_high"),)  # suffixes of the columns of a bootstrap interval (the oracle row has them)
 KLOM_COLUMNS = tuple(f"klom_{stat}_{split}" for stat in ("p95", "mean") for split in ("forget", "retain", "val"))
 TABLES = ("results.parquet", "results.csv")
 
@@ -511,6 +511,81 @@ def summary(table: pd.DataFrame) -> str:
     notes.append("params: the hyper-parameters that vary within each method (bs = batch_size, ep = epochs); cost: "
                  "compute relative to retraining; full values in results.parquet and report.md.")
     return "\n\n".join(parts) + "\n\n" + "\n".join(line for note in notes for line in _wrap(note))
+
+
+# --- what the numbers say -------------------------------------------------------------------
+
+STALLED = 0.1  # a best config that closes less of the gap than this has not unlearned the set
+
+
+def _verb(subjects: list[str], singular: str, plural: str) -> str:
+    return f"{' and '.join(subjects)} {singular if len(subjects) == 1 else plural}"
+
+
+def gap_closed(table: pd.DataFrame) -> pd.DataFrame:
+    """Per forget set and method, the best config's forget KLoM p95 and the share of the gap between doing
+    nothing (``pretrained``) and retraining (the ``oracle`` floor) it closes: 1 = at the floor, 0 = no better
+    than doing nothing, negative = worse."""
+    out = []
+    for name, rows in table.groupby("forget_set", sort=False):
+        pretrained, oracle = rows[rows["method"] == "pretrained"], rows[rows["method"] == "oracle"]
+        if not (len(pretrained) and len(oracle)):
+            continue
+        before, floor = float(pretrained["klom_p95_forget"].iloc[0]), float(oracle["klom_p95_forget"].iloc[0])
+        for method, group in rows[~rows["method"].isin(REFERENCES)].groupby("method", sort=False):
+            best = group.loc[group["klom_p95_forget"].idxmin()] if group["klom_p95_forget"].notna().any() else None
+            value = np.nan if best is None else float(best["klom_p95_forget"])
+            out.append({"forget_set": name, "method": method, "pretrained": before, "floor": floor, "best": value,
+                        "closed": (before - value) / (before - floor) if before > floor else np.nan,
+                        "acc_val": np.nan if best is None else float(best["acc_val"])})
+    return pd.DataFrame(out)
+
+
+def findings(table: pd.DataFrame) -> list[str]:
+    """Three sentences read from the table, never written in advance: how far doing nothing is from the noise
+    floor on each forget set, how much of that gap each method's best config closes (and where methods fail),
+    and what choosing a config on fresh replicas costs against the best of the grid after the fact."""
+    gaps = gap_closed(table)
+    if gaps.empty:
+        return []
+    sets = gaps.drop_duplicates("forget_set")
+    unresolved = resolution_warnings(table)
+    n = int(table["ensemble"].iloc[0])
+    names = " and ".join(sets["forget_set"])
+    sentences = [
+        "Doing nothing scores forget KLoM p95 " + " and ".join(f"{r.pretrained:.2f}" for r in sets.itertuples())
+        + f" on {names}, against noise floors (retraining vs retraining at N = {n}) of "
+        + " and ".join(f"{r.floor:.2f}" for r in sets.itertuples())
+        + ("" if not unresolved else f"; at this N the gap is not resolved on {', '.join(unresolved)}") + "."]
+    closed = gaps.pivot(index="method", columns="forget_set", values="closed")[list(sets["forget_set"])]
+    listed = "; ".join(f"{method} " + " vs ".join(f"{value:.0%}" for value in row) for method, row in closed.iterrows())
+    claims = []
+    leaders = closed.idxmax()
+    if leaders.nunique() == 1:
+        claims.append(f"{leaders.iloc[0]} comes closest to the floor on every set")
+    if len(sets) > 1:
+        hardest = closed.mean().idxmin()
+        least = [m for m in closed.index if closed.loc[m, hardest] < closed.loc[m].drop(hardest).min()]
+        if len(least) == len(closed):
+            claims.append(f"every method closes least on {hardest}")
+        elif least:
+            claims.append(f"{_verb(least, 'closes', 'close')} less on {hardest} than on any other set")
+        stalled = [m for m, value in closed[hardest].items() if value < STALLED]
+        if stalled:
+            claims.append(f"on {hardest} {_verb(stalled, 'closes', 'close')} less than {STALLED:.0%} of it")
+    sentences.append(f"Of that gap, each method's best config closes ({' vs '.join(sets['forget_set'])}): {listed}"
+                     + (": " + ", ".join(claims) if claims else "") + ".")
+    chosen = selection(table)
+    if "fresh_b" in chosen and chosen["fresh_b"].notna().any():
+        chosen = chosen.assign(illusion=chosen["fresh_b"] - chosen["best_after_fact_b"])
+        worst = chosen.loc[chosen["illusion"].idxmax()]
+        sentences.append(
+            f"Picking the best of the grid after the fact flatters: the config chosen on replicas A scores "
+            f"{worst['fresh_b']:.2f} on fresh replicas B for {worst['method']} on {worst['forget_set']}, where the "
+            f"grid's best B score is {worst['best_after_fact_b']:.2f} (pretrained {worst['pretrained_b']:.2f}, floor "
+            f"{worst['oracle_floor_b']:.2f} at N/2); over every method and set the chosen config is "
+            f"{chosen['illusion'].mean():.2f} worse on average.")
+    return sentences
 
 
 # --- the report -----------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import dataclasses
 import json
 import os
 import shutil
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ NO_DATAMODELS = "none"  # the datamodels digest of rows that use none (not "": C
 MIN_REPLICAS = 2  # KLoM compares margin distributions over replicas
 MAX_STEPS = 2**31 - 1  # optimiser step counters are int32
 HOST_MEMORY_FRACTION = 0.8  # of the machine's RAM a plan may use for what the study holds on the host
+FLOOR_SPLITS = 50  # random re-splits of the oracles behind the noise floor's interval
 
 
 @dataclasses.dataclass
@@ -72,6 +74,7 @@ class Setup:
     datamodel_matrix: np.ndarray | None = None  # (n, n) margin datamodels on the study points
     keep_checkpoints: bool = False
     notes: tuple[str, ...] = ()  # printed with the plan (e.g. that forget sets fell back to random ones)
+    smoke: bool = False  # a smoke-run preset: its N is too small for KLoM to mean anything, and it says so
 
     def fingerprint_config(self) -> dict:
         """What pretraining and the oracles depend on: a run directory holds exactly one of these."""
@@ -200,6 +203,27 @@ def mean_margins(margins: np.ndarray) -> np.ndarray:
         return np.where(finite, margins, 0).sum(axis=0) / finite.sum(axis=0)
 
 
+def p95(values: np.ndarray) -> float:
+    """95th percentile of the finite values (NaN if none is)."""
+    finite = values[np.isfinite(values)]
+    return float(np.percentile(finite, 95)) if finite.size else float("nan")
+
+
+def floor_interval(oracle: np.ndarray, targets: np.ndarray, positions: dict[str, np.ndarray]) -> dict[str, float]:
+    """95 % range of the noise floor's KLoM p95 per split over random re-splits of the 2N oracles into two
+    disjoint groups of N (:func:`ascent_jax.klom.noise_floor`): what two independent retrainings score against
+    each other at this N. A method's KLoM inside it cannot be told from retraining. (Resampling models with
+    replacement would not do: duplicated models make the histograms spikier and inflate KLoM.)"""
+    pool, row = np.concatenate([oracle, targets]), {}
+    for split, where in positions.items():
+        if not len(where):
+            continue
+        splits = klom.noise_floor(pool[:, where], len(oracle), n_repeats=FLOOR_SPLITS)
+        low, high = np.quantile([p95(values) for values in splits], [0.025, 0.975])
+        row[f"klom_p95_{split}_ci_low"], row[f"klom_p95_{split}_ci_high"] = float(low), float(high)
+    return row
+
+
 def score(oracle: np.ndarray, unlearned: np.ndarray, correct: np.ndarray | None,
           positions: dict[str, np.ndarray]) -> dict[str, float]:
     """KLoM p95/mean per split vs the evaluation oracles, on all replicas and on halves A/B; accuracies;
@@ -213,7 +237,7 @@ def score(oracle: np.ndarray, unlearned: np.ndarray, correct: np.ndarray | None,
     for split, where in positions.items():
         part = values[where]
         finite = part[np.isfinite(part)]
-        row[f"klom_p95_{split}"] = float(np.percentile(finite, 95)) if finite.size else float("nan")
+        row[f"klom_p95_{split}"] = p95(part)
         row[f"klom_mean_{split}"] = float(np.mean(finite)) if finite.size else float("nan")
         row[f"acc_{split}"] = accuracy(None if correct is None else correct[:, where])
     for split in ("forget", "retain"):  # the datamodel-matching paper's Fig. 4: mean margins vs the oracles'
@@ -334,8 +358,10 @@ class Study:
             done = ensemble.finished_epochs(self.out / "pretrain")
             if not done or min(done) < s.train.epochs:
                 raise ValueError(f"pretraining in {self.out} has not finished; nothing to snapshot yet")
+        fresh, started = not any((self.out / "pretrain").glob("members-*")), time.time()
         result = train.train_ensemble(s.model, s.train, s.images, s.labels, s.norm, s.options, num_members=s.ensemble,
                                       checkpoint_dir=self.out / "pretrain", desc="pretrain")
+        seconds = time.time() - started
         margins, correct = train.margin_evaluator(s.model, s.norm, np.concatenate([s.images, s.test_images]),
                                                   self.eval_labels, s.options)(result.states)
         broken = ~np.isfinite(margins).all(axis=1)
@@ -350,7 +376,9 @@ class Study:
         files.atomic_write(self.out / "pretrain_accuracy.csv", lambda h: h.write(table.to_csv(index=False).encode()))
         if ensemble.is_writer():
             print(f"pretrained replicas: test accuracy mean {test_accuracy.mean():.4f}, min {test_accuracy.min():.4f}, "
-              f"max {test_accuracy.max():.4f} (per member: {self.out / 'pretrain_accuracy.csv'})", flush=True)
+                  f"max {test_accuracy.max():.4f} (per member: {self.out / 'pretrain_accuracy.csv'})", flush=True)
+            if fresh:
+                print(estimate(s, seconds), flush=True)
         return result.states, margins, correct
 
     def oracles(self, name: str, forget: np.ndarray) -> dict[str, np.ndarray]:
@@ -390,8 +418,9 @@ class Study:
         entries = {"rows/references": [
             self.row(name, forget, "pretrained", {}, 0.0, score(evaluation, pretrained_margins, pretrained_correct,
                                                                  positions)),
-            self.row(name, forget, "oracle", {}, 1.0, score(evaluation, oracle["margins"][n:], oracle["correct"][n:],
-                                                             positions))]}
+            self.row(name, forget, "oracle", {}, 1.0, {
+                **score(evaluation, oracle["margins"][n:], oracle["correct"][n:], positions),
+                **floor_interval(evaluation, oracle["margins"][n:], positions)})]}
         if dm_margins is not None:
             train_positions = {k: v for k, v in positions.items() if k != "val"}
             scores = score(evaluation[:, : self.num_train], dm_margins, None, {**train_positions, "val": np.arange(0)})
@@ -559,6 +588,10 @@ def host_bytes(setup: Setup) -> int:
                + 2 * s.ensemble * len(s.images) * num_classes * 4)  # target logits (OM, DMM)
 
 
+SMOKE = ("SMOKE RUN (--quick): at this N, KLoM's noise floor is as large as any gap, so these numbers show that "
+         "the pipeline runs, not what the methods do. Drop --quick for the finding.")
+
+
 def check_plan(setup: Setup, pretrain_only: bool = False) -> None:
     """Refuse a plan that would fail after training started, before anything is trained or written."""
     s = setup
@@ -598,6 +631,8 @@ def execute(setup: Setup, out: Path, *, pretrain_only: bool = False, snapshot: P
     written = plots.render(out)
     print(plots.summary(table))
     print(f"{len(table)} rows in {out / 'results.parquet'}; report and plots: " + ", ".join(str(p) for p in written))
+    for text in [SMOKE if setup.smoke else "What this shows:", *plots.findings(table)]:
+        print(textwrap.fill(text, width=plots.WIDTH, subsequent_indent="  "))
     print(f"run directory {out}: {directory_size(out) / 2**20:.1f} MiB ("
           + ("finished runs' checkpoints kept: --keep-checkpoints" if setup.keep_checkpoints else
              "finished runs' checkpoints pruned; the pretrained replicas and oracle margins are kept for reruns") + ")")
@@ -609,19 +644,48 @@ def directory_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
+def work(setup: Setup) -> dict[str, float]:
+    """The plan's example-gradients per stage (evaluation forward passes count a third of one), for its time
+    estimate: a run's time is about proportional to them."""
+    s = setup
+    n, n_eval = len(s.images), len(s.images) + len(s.test_images)
+    out = {"pretraining": s.ensemble * (s.train.epochs * n + n_eval / 3), "oracles": 0.0, "unlearning": 0.0}
+    for forget in s.forget_sets.values():
+        out["oracles"] += 2 * s.ensemble * (s.train.epochs * (n - len(forget)) + n_eval / 3)
+        for method in s.methods:
+            for run in grids.group_runs(grid_configs(method, s.grid, s.lr)):
+                cost = unlearn.get(run.config).cost
+                steps = cost(run.config, len(forget), n - len(forget)) if cost is not None else n
+                out["unlearning"] += s.ensemble * (steps + len(run.snapshot_epochs) * n_eval / 3)
+    return out
+
+
+def estimate(setup: Setup, pretraining_seconds: float) -> str:
+    """The remaining stages' time at the speed pretraining just ran at."""
+    stages = work(setup)
+    rate = stages["pretraining"] / max(pretraining_seconds, 1e-3)
+    rest = (stages["oracles"] + stages["unlearning"]) / rate
+    return (f"pretraining took {pretraining_seconds:.0f} s ({rate:,.0f} example-gradients/s); at that speed the "
+            f"oracles and unlearning runs ({(stages['oracles'] + stages['unlearning']) / stages['pretraining']:.1f}x "
+            f"its work) take about {rest / 60:.1f} min more")
+
+
 def describe(setup: Setup) -> str:
     """The plan in a few lines: what will be trained and evaluated."""
     s = setup
     runs = {m: len(grids.group_runs(grid_configs(m, s.grid, s.lr))) for m in s.methods}
     configs = {m: len(grid_configs(m, s.grid, s.lr)) for m in s.methods}
     sets = ", ".join(f"{name} ({len(idx)})" for name, idx in s.forget_sets.items())
-    lines = [f"{s.dataset}: {len(s.images)} training points, {len(s.test_images)} validation (test) points; "
+    lines = ([SMOKE] if s.smoke else []) + [
+             f"{s.dataset}: {len(s.images)} training points, {len(s.test_images)} validation (test) points; "
              f"{s.model.name}, {s.train.epochs} epochs, batch {s.train.batch_size}, peak lr {s.train.peak_lr}",
              f"N = {s.ensemble} replicas, {2 * s.ensemble} oracles per forget set; forget sets: {sets}",
              f"grid {s.grid!r}{'' if s.lr is None else f' at lr {s.lr:g}'}: "
              + ", ".join(f"{m} {configs[m]} configs in {runs[m]} runs" for m in s.methods),
              f"trainings: {s.ensemble} pretrained + {2 * s.ensemble * len(s.forget_sets)} oracles + "
-             f"{s.ensemble * sum(runs.values()) * len(s.forget_sets)} unlearning runs of one replica"]
+             f"{s.ensemble * sum(runs.values()) * len(s.forget_sets)} unlearning runs of one replica",
+             "work: " + ", ".join(f"{stage} {count / 1e6:.1f} M" for stage, count in work(s).items())
+             + " example-gradients; the time estimate follows pretraining, from its measured speed"]
     return "\n".join(lines + [f"note: {note}" for note in s.notes])
 
 

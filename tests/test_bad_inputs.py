@@ -839,6 +839,10 @@ STUDY_CASES = [
                  r"like a set of the forget-sets folder; rename the file", id="forget-set-named-like-a-committed-one"),
     pytest.param(["--forget-sets-dir", "{a_file}"], r"{a_file} is a file, not a folder of forget sets",
                  id="forget-sets-dir-is-a-file"),
+    pytest.param(["--forget-sets-dir", "{list_manifest}"], r"forget-sets manifest {list_manifest}/forget_sets.json: "
+                 r"expected a JSON object with 'provenance' and 'sets', got a list", id="forget-sets-manifest-a-list"),
+    pytest.param(["--forget-sets-dir", "{bare_manifest}"], r"forget-sets manifest {bare_manifest}/forget_sets.json: "
+                 r"has no 'provenance' entry", id="forget-sets-manifest-without-provenance"),
 ]
 
 
@@ -857,6 +861,9 @@ def study_paths(tmp_path) -> dict[str, Path]:
     np.savez(tmp_path / "square.npz", matrix=np.zeros((3, 3)), subset=study_subset(300))
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
+    for name, manifest in (("list_manifest", "[]"), ("bare_manifest", '{"sets": {}}')):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / forget_sets.MANIFEST).write_text(manifest)
     return {"empty": tmp_path / "empty", "nowhere": tmp_path / "nowhere.npz", "a_file": tmp_path / "a_file",
             "out": tmp_path / "out", "bad_index": write_index_file(tmp_path / "bad.txt", "3 60000 70000"),
             "empty_index": write_index_file(tmp_path / "empty.txt", ""),
@@ -864,7 +871,8 @@ def study_paths(tmp_path) -> dict[str, Path]:
             "npy": tmp_path / "dm.npy", "garbage_npz": tmp_path / "garbage.npz", "square_npz": tmp_path / "square.npz",
             "mine_a": write_index_file(tmp_path / "a" / "mine.txt", "1 2 3"),
             "mine_b": write_index_file(tmp_path / "b" / "mine.txt", "4 5 6"),
-            "committed_name": write_index_file(tmp_path / "set2-random100.txt", "1 2 3 4 5")}
+            "committed_name": write_index_file(tmp_path / "set2-random100.txt", "1 2 3 4 5"),
+            "list_manifest": tmp_path / "list_manifest", "bare_manifest": tmp_path / "bare_manifest"}
 
 
 @pytest.mark.parametrize("args, fragment", STUDY_CASES)
@@ -884,7 +892,8 @@ def test_bad_fashion_study_input(capsys, study_paths, args, fragment):
 def test_diverging_pretraining_leaves_no_run_directory(capsys, study_paths, epochs, what):
     """Found only once training runs: one line, and the fresh run directory is removed so the fix is not refused."""
     out = study_paths["out"]
-    result = call_cli(capsys, "--pretrain-lr", "1e308", "--epochs", epochs, "--subset-size", "300", "--method", "ga",
+    result = call_cli(capsys, "--pretrain-lr", "1e308", "--ensemble", "8", "--epochs", epochs, "--subset-size", "300",
+                      "--method", "ga",
                       "--out", str(out), "--no-progress", main=fashion.main)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.splitlines() == [

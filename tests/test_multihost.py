@@ -25,7 +25,7 @@ from ascent_jax.ensemble import finished_epochs
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = ["--pretrain-only", "--ensemble", "3", "--epochs", "4", "--subset-size", "1024", "--batch-size", "128",
             "--no-progress"]
-STUDY = ["--ensemble", "4", "--epochs", "1", "--subset-size", "600", "--forget-set", "fallback-random10",
+STUDY = ["--ensemble", "4", "--epochs", "1", "--subset-size", "600", "--forget-set", "fallback-random10", "--grid", "quick",
          "--method", "ga", "--method", "om", "--no-progress"]
 
 

@@ -157,9 +157,9 @@ def test_a_method_within_the_floor_is_marked_and_one_above_is_not():
 
 
 def test_the_floor_uses_the_oracles_interval_when_the_table_has_one():
-    rows = [*references(klom_p95_forget_hi=1.5), config("ga", 1.2, lr=0.1), config("om", 1.6, lr=0.1)]
+    rows = [*references(klom_p95_forget_ci_high=1.5), config("ga", 1.2, lr=0.1), config("om", 1.6, lr=0.1)]
     table = planted(rows)
-    table.loc[table["method"] != "oracle", "klom_p95_forget_hi"] = float("nan")
+    table.loc[table["method"] != "oracle", "klom_p95_forget_ci_high"] = float("nan")
     assert plots.within_floor(table, "klom_p95_forget").tolist() == [False, False, True, False]
     text = plots.summary(table)
     assert summary_line(text, "ga").split()[2] == "1.2*" and summary_line(text, "om").split()[2] == "1.6"
@@ -186,7 +186,7 @@ def test_small_n_warning_without_any_gap_and_with_an_interval():
     equal = plots.resolution_warnings(planted(references(pretrained=1.0, oracle=1.0)))
     assert equal["s"].endswith("No excess over the floor is seen at all, so the N that would resolve a gap cannot "
                                "be estimated from this table.")
-    inside = planted(references(pretrained=2.0, oracle=1.0, klom_p95_forget_hi=2.5))  # 2x, but inside the interval
+    inside = planted(references(pretrained=2.0, oracle=1.0, klom_p95_forget_ci_high=2.5))  # 2x, but inside the interval
     assert "its interval reaches 2.5" in plots.resolution_warnings(inside)["s"]
 
 
@@ -195,3 +195,32 @@ def test_no_small_n_warning_when_pretrained_is_far_above_the_floor():
     assert plots.resolution_warnings(table) == {}
     assert "warning" not in plots.summary(table).lower()
     assert "Warning" not in plots.report(table)
+
+
+# --- what the numbers say --------------------------------------------------------------------
+
+def two_sets(ga_hard: float, om_hard: float) -> pd.DataFrame:
+    """A random-like set (gap 5 -> 1) and a hard set (gap 9 -> 1) with GA and OM rows."""
+    easy = [*references(5.0, 1.0), config("ga", 3.0, lr=0.01, epochs=1), config("om", 1.4, lr=0.01, epochs=1)]
+    hard = [{**row, "forget_set": "hard"} for row in
+            [*references(9.0, 1.0), config("ga", ga_hard, lr=0.01, epochs=1), config("om", om_hard, lr=0.01, epochs=1)]]
+    return planted([*easy, *hard])
+
+
+def test_findings_read_the_numbers_from_the_table():
+    first, second, third = plots.findings(two_sets(ga_hard=8.6, om_hard=3.0))
+    assert first.startswith("Doing nothing scores forget KLoM p95 5.00 and 9.00 on s and hard, against noise floors "
+                            "(retraining vs retraining at N = 8) of 1.00 and 1.00.")
+    # gaps closed: GA (5-3)/4 = 50% and (9-8.6)/8 = 5%; OM (5-1.4)/4 = 90% and (9-3)/8 = 75%
+    assert second == ("Of that gap, each method's best config closes (s vs hard): ga 50% vs 5%; om 90% vs 75%: om comes "
+                      "closest to the floor on every set, every method closes least on hard, on hard ga closes less "
+                      "than 10% of it.")
+    assert third.startswith("Picking the best of the grid after the fact flatters")
+
+
+def test_findings_make_no_claim_the_numbers_do_not_support():
+    _, second, _ = plots.findings(two_sets(ga_hard=1.5, om_hard=5.0))  # GA best on the hard set, OM stalls less
+    assert "comes closest to the floor on every set" not in second
+    assert "close less than 10%" not in second
+    assert "ga 50% vs 94%; om 90% vs 50%" in second
+    assert second.endswith(": ga closes less on s than on any other set.")  # s is the harder set here

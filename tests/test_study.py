@@ -21,8 +21,9 @@ from ascent_jax.cli import run_main
 from experiments import fashion, merge, plots
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--ensemble", "4", "--epochs", "1", "--subset-size", "600", "--forget-set", "fallback-random10", "--no-progress"]
-KILLABLE = ["--ensemble", "2", "--epochs", "2", "--subset-size", "3000", "--forget-set", "fallback-random10",
+TINY = ["--ensemble", "4", "--epochs", "1", "--subset-size", "600", "--forget-set", "fallback-random10", "--grid", "quick",
+        "--no-progress"]
+KILLABLE = ["--ensemble", "2", "--epochs", "2", "--subset-size", "3000", "--forget-set", "fallback-random10", "--grid", "quick",
             "--method", "finetune", "--no-progress"]
 VOLATILE = ["wall_time_s", "device"]
 
@@ -246,6 +247,15 @@ def test_damaged_cache_entry_is_one_line_naming_what_to_delete(smoke, tmp_path, 
     error = capsys.readouterr().err.splitlines()
     assert len(error) == 1 and error[0].startswith(f"error: cache entry {entry} cannot be read (")
     assert error[0].endswith("; delete it and rerun")
+    shutil.rmtree(entry)  # the oracles recompute; now a damaged training checkpoint
+    checkpoint = next((run / "pretrain").glob("members-*"))
+    for path in checkpoint.rglob("*"):
+        if path.is_file() and "state" in path.parts and path.stat().st_size > 64:
+            path.write_bytes(path.read_bytes()[:32])
+    assert run_main(fashion.main, [*TINY, "--method", "ga", "--out", str(run)]) == 2
+    error = capsys.readouterr().err.splitlines()
+    assert len(error) == 1 and re.fullmatch(rf"error: checkpoint {re.escape(str(checkpoint))}/\d+ cannot be read "
+                                            rf"\(\w+\); delete {re.escape(str(checkpoint))} and rerun", error[0]), error
     forget = run / "sets" / "fallback-random10" / "forget.npy"
     forget.write_bytes(forget.read_bytes()[:40])
     assert run_main(fashion.main, [*TINY, "--method", "ga", "--out", str(run)]) == 2
@@ -269,3 +279,27 @@ def test_ctrl_c_is_one_line_and_the_rerun_resumes(tmp_path, uninterrupted):
     assert stderr.splitlines() == ["interrupted; rerun the same command to resume"]
     assert run_main(fashion.main, [*KILLABLE, "--out", str(out)]) == 0
     pd.testing.assert_frame_equal(stable(pd.read_parquet(out / "results.parquet")), stable(uninterrupted))
+
+
+def test_presets_fill_only_the_flags_not_given():
+    main = fashion.parse_args([])
+    assert (main.ensemble, main.model, main.epochs, main.subset_size, main.grid, main.out) == (
+        50, "mlp128", 10, 10_000, "main", "runs/fashion")
+    assert main.preset is fashion.MAIN and main.method is None and main.forget_set is None
+    quick = fashion.parse_args(["--quick"])
+    assert (quick.ensemble, quick.epochs, quick.subset_size, quick.grid, quick.out) == (
+        4, 2, 2_000, "quick", "runs/fashion-quick")
+    assert quick.preset.smoke and not main.preset.smoke
+    mixed = fashion.parse_args(["--quick", "--ensemble", "6", "--grid", "cpu", "--method", "ga"])
+    assert (mixed.ensemble, mixed.grid, mixed.method, mixed.epochs) == (6, "cpu", ["ga"], 2)
+
+
+@pytest.mark.slow
+def test_quick_preset_labels_itself_a_smoke_run(tmp_path):
+    out = tmp_path / "quick"
+    result = subprocess.run([sys.executable, "-m", "experiments.fashion", "--quick", "--out", str(out), "--no-progress"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("SMOKE RUN (--quick)") and result.stdout.count("SMOKE RUN (--quick)") == 2
+    table = pd.read_parquet(out / "results.parquet")
+    assert set(table["method"]) == {"pretrained", "oracle", "ga", "om"} and (table["ensemble"] == 4).all()

@@ -42,6 +42,7 @@ _FACTORIES: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet.ResNet18,
     "cnn": small.SmallCNN,
     "mlp": small.MLP,
+    "mlp128": functools.partial(small.MLP, hidden=(128,)),  # half the width: the main job's N = 50 fits in minutes
 }
 
 NAMES = tuple(_FACTORIES)

@@ -2,8 +2,8 @@
 
 ``paper``: App. M of "Ascent Fails to Forget" (GA, GDA, SCRUB), App. D.4 of the
 datamodel-matching paper (fine-tune) and this library's OM grid (Sec. 4.2 of that paper).
-``cpu``: subsets of those values small enough for a CPU study; ``quick``: the few configs of
-the README's 10-minute main job. DMM uses OM's grid. Configs that differ only in
+``cpu``: subsets of those values small enough for a CPU study; ``main``: the README's main job
+(GA, GDA, OM); ``quick``: a few configs of every method, for smoke runs. DMM uses OM's grid. Configs that differ only in
 ``epochs`` come from ONE run snapshotted at each epoch count (:func:`group_runs`), and every
 config is reported, diverged or not (:func:`sweep`).
 """
@@ -41,6 +41,11 @@ PRESETS: dict[str, dict[str, dict[str, tuple]]] = {
         "finetune": {"lr": (1e-4, 1e-3, 1e-2), "epochs": (1, 3, 5, 10)},
         "om": {"lr": (1e-4, 1e-3, 1e-2), "epochs": (1, 2, 4, 8)},
         "dmm": {"lr": (1e-4, 1e-3, 1e-2), "epochs": (1, 2, 4, 8)},
+    },
+    "main": {  # the README's main job: enough configs for the selection illusion, OM's rates up to 0.03
+        "ga": {"lr": (1e-3, 1e-2, 5e-2), "epochs": (1, 3, 5)},
+        "gda": {"lr": (1e-3,), "epochs": (3, 5), "ascent_epochs": (3,), "forget_batch_size": (64,)},
+        "om": {"lr": (1e-2, 3e-2), "epochs": (2, 4, 8)},
     },
     "quick": {
         "ga": {"lr": (1e-3, 1e-2), "epochs": (1, 3, 5)},
