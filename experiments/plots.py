@@ -7,7 +7,7 @@ Reads RUN_DIR/results.parquet (or results.csv) and writes into RUN_DIR:
 * ``forget_vs_val.png`` -- the papers' Fig. 1/6: KLoM p95 on the forget set against KLoM p95
   on validation points, one point per config, marker = method, colour = compute relative to
   retraining; the pretrained model (star) and the independent oracles (diamond) marked, the
-  noise floor (the oracles' KLoM, or its bootstrap interval where the table has one) shaded;
+  noise floor (the oracles' KLoM, or its interval over re-splits of the oracles where the table has one) shaded;
   diverged configs circled in red. Points at one value are fanned out around it (a ``+``, a
   dashed circle and ``xn`` mark groups of three or more), so no method hides behind another.
 * ``forget_vs_retain.png`` -- Fig. 7: the same with retain points.
@@ -58,7 +58,7 @@ METHOD_MARKERS = "o^sPvX<>pd"  # taken in turn by the unlearning methods (none i
 MAX_ACCURACY_DROP = 0.05
 WIDTH = 100  # columns of the terminal summary
 CLEARLY_ABOVE = 1.25  # without an interval, "clearly above the floor" means above this many times the oracle's KLoM
-INTERVALS = (("_ci_low", "_ci_high"),)  # suffixes of the columns of a bootstrap interval (the oracle row has them)
+INTERVALS = (("_ci_low", "_ci_high"),)  # the oracle row's interval over re-splits of the oracles (study.floor_interval)
 KLOM_COLUMNS = tuple(f"klom_{stat}_{split}" for stat in ("p95", "mean") for split in ("forget", "retain", "val"))
 TABLES = ("results.parquet", "results.csv")
 
@@ -130,7 +130,7 @@ def check(table: pd.DataFrame, source: Path, time_method: str | None = None) -> 
 # --- the noise floor ------------------------------------------------------------------------
 
 def _bound(row: pd.Series, column: str, side: int) -> tuple[float, bool]:
-    """``row``'s lower (side 0) or upper (side 1) bound of ``column``: its bootstrap interval's, when the table
+    """``row``'s lower (side 0) or upper (side 1) bound of ``column``: its interval's, when the table
     has one and it is finite, else the value itself; and whether it came from an interval."""
     for suffixes in INTERVALS:
         name = column + suffixes[side]
@@ -141,7 +141,7 @@ def _bound(row: pd.Series, column: str, side: int) -> tuple[float, bool]:
 
 def floors(table: pd.DataFrame, column: str) -> pd.Series:
     """Per row, the noise floor of ``column``: the upper end of the ``oracle`` row's KLoM for the same forget set
-    (its bootstrap interval's, when the table has one; else the oracle's value). NaN without an oracle row."""
+    (its interval's, when the table has one; else the oracle's value). NaN without an oracle row."""
     oracle = table[table["method"] == "oracle"].drop_duplicates("forget_set").set_index("forget_set")
     edge = {name: _bound(row, column, 1)[0] for name, row in oracle.iterrows()}
     return table["forget_set"].map(edge).astype(float)
@@ -169,7 +169,7 @@ def resolution_warnings(table: pd.DataFrame) -> dict[str, str]:
     warning that N is too small for KLoM to resolve the gap between doing nothing and retraining.
 
     "Clearly above": the pretrained row's interval (or value) above the oracle's interval, when the table has
-    bootstrap intervals; else above :data:`CLEARLY_ABOVE` times the oracle's value.
+    intervals; else above :data:`CLEARLY_ABOVE` times the oracle's value.
     """
     out = {}
     column = "klom_p95_forget"
@@ -506,7 +506,7 @@ def summary(table: pd.DataFrame) -> str:
         parts.append("\n".join(lines))
     interval = any(f"klom_p95_forget{hi}" in table.columns for _, hi in INTERVALS)
     notes = ["* within the noise floor: at most the oracle row's KLoM for the same forget set and split"
-             + (" (the upper end of its bootstrap interval)" if interval else "")
+             + (" (the upper end of its interval over re-splits of the oracles)" if interval else "")
              + ", so not distinguishable from retraining at this N."] if any(m.any() for m in marks.values()) else []
     notes.append("params: the hyper-parameters that vary within each method (bs = batch_size, ep = epochs); cost: "
                  "compute relative to retraining; full values in results.parquet and report.md.")
@@ -554,16 +554,21 @@ def findings(table: pd.DataFrame) -> list[str]:
     names = " and ".join(sets["forget_set"])
     sentences = [
         "Doing nothing scores forget KLoM p95 " + " and ".join(f"{r.pretrained:.2f}" for r in sets.itertuples())
-        + f" on {names}, against noise floors (retraining vs retraining at N = {n}) of "
+        + f" on {names}, against {'noise floors' if len(sets) > 1 else 'a noise floor'} (retraining vs retraining "
+        f"at N = {n}) of "
         + " and ".join(f"{r.floor:.2f}" for r in sets.itertuples())
         + ("" if not unresolved else f"; at this N the gap is not resolved on {', '.join(unresolved)}") + "."]
     closed = gaps.pivot(index="method", columns="forget_set", values="closed")[list(sets["forget_set"])]
+    closed = closed.dropna(axis=1, how="all").dropna(axis=0, how="any")  # sets with a gap, methods scored on all
+    if closed.empty:
+        return sentences + ["With no gap between doing nothing and retraining, no method can be told to unlearn "
+                            "anything here."]
     listed = "; ".join(f"{method} " + " vs ".join(f"{value:.0%}" for value in row) for method, row in closed.iterrows())
     claims = []
     leaders = closed.idxmax()
     if leaders.nunique() == 1:
         claims.append(f"{leaders.iloc[0]} comes closest to the floor on every set")
-    if len(sets) > 1:
+    if closed.shape[1] > 1:
         hardest = closed.mean().idxmin()
         least = [m for m in closed.index if closed.loc[m, hardest] < closed.loc[m].drop(hardest).min()]
         if len(least) == len(closed):
@@ -573,7 +578,7 @@ def findings(table: pd.DataFrame) -> list[str]:
         stalled = [m for m, value in closed[hardest].items() if value < STALLED]
         if stalled:
             claims.append(f"on {hardest} {_verb(stalled, 'closes', 'close')} less than {STALLED:.0%} of it")
-    sentences.append(f"Of that gap, each method's best config closes ({' vs '.join(sets['forget_set'])}): {listed}"
+    sentences.append(f"Of that gap, each method's best config closes ({' vs '.join(closed.columns)}): {listed}"
                      + (": " + ", ".join(claims) if claims else "") + ".")
     chosen = selection(table)
     if "fresh_b" in chosen and chosen["fresh_b"].notna().any():
@@ -604,7 +609,7 @@ def report(table: pd.DataFrame) -> str:
              "Accuracies are fractions of (replica, point) pairs classified correctly; diverged replicas count as "
              "wrong. Cost = example-gradients relative to retraining.", "",
              "`\u2248floor` marks a KLoM within the noise floor: at most the `oracle` row's KLoM for the same forget "
-             "set and split" + (" (the upper end of its bootstrap interval)" if interval else "") + ", so this N "
+             "set and split" + (" (the upper end of its interval over re-splits of the oracles)" if interval else "") + ", so this N "
              "cannot tell it from retraining.", ""]
     if warnings:
         n = int(first["ensemble"])
