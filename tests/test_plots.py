@@ -163,7 +163,7 @@ def test_the_floor_uses_the_oracles_interval_when_the_table_has_one():
     assert plots.within_floor(table, "klom_p95_forget").tolist() == [False, False, True, False]
     text = plots.summary(table)
     assert summary_line(text, "ga").split()[2] == "1.2*" and summary_line(text, "om").split()[2] == "1.6"
-    assert "(the upper end of its bootstrap interval)" in " ".join(text.split())
+    assert "(the upper end of its interval over re-splits of the oracles)" in " ".join(text.split())
     without = planted([*references(), config("ga", 1.2, lr=0.1)])
     assert not plots.within_floor(without, "klom_p95_forget").iloc[2]
 
