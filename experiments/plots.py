@@ -617,6 +617,9 @@ def report(table: pd.DataFrame) -> str:
                   f"retraining on {', '.join(warnings)}: see "
                   f"{'its section' if len(warnings) == 1 else 'their sections'}.",
                   ""]
+    said = findings(table)
+    if said:
+        lines += ["## What this shows (read from the table below)", "", " ".join(said), ""]
     for name, rows in table.groupby("forget_set", sort=False):
         lines += [f"## {name} ({int(rows['forget_size'].iloc[0])} points)", ""]
         if name in warnings:
