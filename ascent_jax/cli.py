@@ -48,15 +48,23 @@ def prng_seed(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
-    return value
+def float_where(accept: Callable[[float], bool], requirement: str) -> Callable[[str], float]:
+    """argparse type: a finite number for which ``accept`` holds; else "must <requirement>, got <text>"."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (math.isfinite(value) and accept(value)):
+            raise argparse.ArgumentTypeError(f"must {requirement}, got {text}")
+        return value
+
+    return parse
+
+
+positive_float = float_where(lambda value: value > 0, "be a positive finite number")  # rates, GiB
+non_negative_float = float_where(lambda value: value >= 0, "be a finite number >= 0")  # durations
 
 
 def chunk_size(text: str) -> int | str:

@@ -43,6 +43,7 @@ from ascent_jax.cli import (
     ArgumentParser,
     add_engine_arguments,
     check_writable,
+    float_where,
     positive_float,
     positive_int,
     read_run_file,
@@ -380,14 +381,7 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
-    return value
+_fraction = float_where(lambda value: 0 < value < 1, "lie strictly between 0 and 1")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

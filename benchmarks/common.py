@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ascent_jax.cli import ArgumentParser, check_writable, int_at_least, run_main
+from ascent_jax.cli import non_negative_float  # noqa: F401 -- the benchmarks' --min-seconds type
 from ascent_jax.files import atomic_write
 
 RESULTS = Path(__file__).resolve().parent / "results"  # committed results: written only when asked explicitly
@@ -77,17 +78,6 @@ def output_dir(path: str | os.PathLike) -> Path:
         raise ValueError(f"--output-dir {path} is a file; give a folder")
     _writable_folder(path, "--output-dir")
     return path
-
-
-def non_negative_float(text: str) -> float:
-    """argparse type: a finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
 
 
 def int_list(minimum: int = 1) -> Callable[[str], list[int]]:

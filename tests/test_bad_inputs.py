@@ -803,8 +803,11 @@ STUDY_CASES = [
                  id="checkpoint-every-0"),
     pytest.param(["--model", "vit"], r"argument --model: invalid choice: 'vit'", id="unknown-model"),
     pytest.param(["--method", "nope"], r"unknown unlearning method 'nope'; choose one of ga, ", id="unknown-method"),
-    pytest.param(["--grid", "huge"], r"unknown grid preset 'huge'; choose one of paper, cpu, quick$", id="unknown-grid"),
-    pytest.param(["--method", "dmm"], r"method dmm needs datamodels: pass --datamodels", id="dmm-without-datamodels"),
+    pytest.param(["--grid", "huge"], r"unknown grid preset 'huge'; choose one of paper, cpu, main, quick$", id="unknown-grid"),
+    pytest.param(["--method", "dmm", "--grid", "quick"], r"method dmm needs datamodels: pass --datamodels",
+                 id="dmm-without-datamodels"),
+    pytest.param(["--method", "dmm"], r"grid 'main' has no configs for method 'dmm'; it covers ga, gda, om$",
+                 id="method-outside-the-grid"),
     pytest.param(["--forget-set", "set99"], r"unknown forget set 'set99': give a set name \(", id="unknown-forget-set"),
     pytest.param(["--forget-set", "{bad_index}"], r"forget set file {bad_index}: indices out of range \[0, 60000\)",
                  id="forget-indices-out-of-range"),
@@ -837,6 +840,8 @@ STUDY_CASES = [
                  r"be unique in a run\)$", id="forget-set-name-collision"),
     pytest.param(["--forget-set", "{committed_name}"], r"forget set file {committed_name} is named 'set2-random100' "
                  r"like a set of the forget-sets folder; rename the file", id="forget-set-named-like-a-committed-one"),
+    pytest.param(["--subset-size", "10"], r"--subset-size 10 is too small for any forget set \(the smallest random "
+                 r"fallback has 10 points\); pass a larger --subset-size$", id="subset-too-small-for-any-set"),
     pytest.param(["--forget-sets-dir", "{a_file}"], r"{a_file} is a file, not a folder of forget sets",
                  id="forget-sets-dir-is-a-file"),
     pytest.param(["--forget-sets-dir", "{list_manifest}"], r"forget-sets manifest {list_manifest}/forget_sets.json: "

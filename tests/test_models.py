@@ -118,7 +118,7 @@ def test_max_pool_matches_flax():
 
 
 @pytest.mark.parametrize("bad,message", [
-    (dict(name="vgg"), "unknown model 'vgg'; choose one of resnet9, resnet18, cnn, mlp"),
+    (dict(name="vgg"), "unknown model 'vgg'; choose one of resnet9, resnet18, cnn, mlp, mlp128"),
     (dict(name="mlp", num_classes=1), "num_classes must be at least 2, got 1"),
     (dict(name="mlp", dtype="float16"), "dtype must be 'float32' or 'bfloat16', got 'float16'"),
 ])

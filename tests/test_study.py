@@ -256,6 +256,7 @@ def test_damaged_cache_entry_is_one_line_naming_what_to_delete(smoke, tmp_path, 
     error = capsys.readouterr().err.splitlines()
     assert len(error) == 1 and re.fullmatch(rf"error: checkpoint {re.escape(str(checkpoint))}/\d+ cannot be read "
                                             rf"\(\w+\); delete {re.escape(str(checkpoint))} and rerun", error[0]), error
+    shutil.rmtree(run / "pretrain")  # pretraining reruns; now a damaged forget-set file
     forget = run / "sets" / "fallback-random10" / "forget.npy"
     forget.write_bytes(forget.read_bytes()[:40])
     assert run_main(fashion.main, [*TINY, "--method", "ga", "--out", str(run)]) == 2
@@ -303,3 +304,10 @@ def test_quick_preset_labels_itself_a_smoke_run(tmp_path):
     assert result.stdout.startswith("SMOKE RUN (--quick)") and result.stdout.count("SMOKE RUN (--quick)") == 2
     table = pd.read_parquet(out / "results.parquet")
     assert set(table["method"]) == {"pretrained", "oracle", "ga", "om"} and (table["ensemble"] == 4).all()
+
+
+def test_a_subset_too_small_for_the_default_random_set_falls_back_to_a_smaller_one():
+    setup = fashion.build_setup(fashion.parse_args(["--subset-size", "20", "--out", "unused", "--no-progress"]))
+    assert list(setup.forget_sets) == ["fallback-random10"] and len(setup.forget_sets["fallback-random10"]) == 10
+    assert any("using random sets named fallback-random*" in note for note in setup.notes)
+    assert not Path("unused").exists()
