@@ -79,6 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="datamodels.npz of ascent_jax.forget_sets on the same subset: adds dm_direct and dmm")
     parser.add_argument("--pretrain-only", action="store_true",
                         help="stop after pretraining the replicas and printing their test accuracy")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check and print the plan (work, memory), train and write nothing")
     quick = parser.parse_known_args(argv)[0].quick
     preset = QUICK if quick else MAIN
     parser.set_defaults(ensemble=preset.ensemble, model=preset.model, epochs=preset.epochs,
@@ -165,7 +167,12 @@ def build_setup(args: argparse.Namespace) -> study.Setup:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return study.execute(build_setup(args), Path(args.out), pretrain_only=args.pretrain_only, snapshot=args.snapshot)
+    setup = build_setup(args)
+    if args.dry_run:
+        study.check_plan(setup, args.pretrain_only)
+        print(study.describe(setup) + "\n" + study.memory_plan(setup))
+        return 0
+    return study.execute(setup, Path(args.out), pretrain_only=args.pretrain_only, snapshot=args.snapshot)
 
 
 if __name__ == "__main__":

@@ -311,3 +311,14 @@ def test_a_subset_too_small_for_the_default_random_set_falls_back_to_a_smaller_o
     assert list(setup.forget_sets) == ["fallback-random10"] and len(setup.forget_sets["fallback-random10"]) == 10
     assert any("using random sets named fallback-random*" in note for note in setup.notes)
     assert not Path("unused").exists()
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(capsys, tmp_path):
+    out = tmp_path / "never"
+    assert run_main(fashion.main, ["--dry-run", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "N = 50 replicas, 100 oracles per forget set; forget sets: set2-random100 (100), set8-pc2-top100 (100)" in printed
+    assert "work: pretraining 5.3 M, oracles 21.1 M, unlearning 17.4 M example-gradients" in printed
+    assert re.search(r"pretraining memory on 1 cpu device\(s\), layout map: [\d.]+ MiB per member", printed)
+    assert not out.exists()
+    assert run_main(fashion.main, ["--dry-run", "--ensemble", "1", "--out", str(out)]) == 2  # the same checks as a run
