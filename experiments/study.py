@@ -44,7 +44,6 @@ from ascent_jax.unlearn import grids
 from experiments import plots
 
 
-DATAMODEL_TARGETS = ("dmm",)  # methods whose targets the study builds from --datamodels
 NO_DATAMODELS = "none"  # the datamodels digest of rows that use none (not "": CSV would read it back as NaN)
 MIN_REPLICAS = 2  # KLoM compares margin distributions over replicas
 MAX_STEPS = 2**31 - 1  # optimiser step counters are int32
@@ -125,8 +124,13 @@ def add_arguments(parser: argparse.ArgumentParser, *, ensemble_size: int, model:
 
 
 def grid_methods() -> tuple[str, ...]:
-    """Registered methods that a grid can run (the references are run separately)."""
-    return tuple(name for name in unlearn.names() if name not in ("do_nothing", "retrain"))
+    """Registered methods that some grid preset runs (the references, do-nothing and retraining, have none)."""
+    return tuple(name for name in unlearn.names() if any(name in preset for preset in grids.PRESETS.values()))
+
+
+def needs_datamodels(method: str) -> bool:
+    """Whether the study builds ``method``'s targets from --datamodels (DM-direct's predictions)."""
+    return unlearn.get(method).targets == "datamodels"
 
 
 def check_methods(requested: list[str] | None, grid: str, has_datamodels: bool) -> tuple[str, ...]:
@@ -135,12 +139,12 @@ def check_methods(requested: list[str] | None, grid: str, has_datamodels: bool) 
         raise ValueError(f"unknown grid preset {grid!r}; choose one of {', '.join(grids.PRESETS)}")
     available = [m for m in grid_methods() if m in grids.PRESETS[grid]]
     if requested is None:
-        return tuple(m for m in available if m not in DATAMODEL_TARGETS or has_datamodels)
+        return tuple(m for m in available if not needs_datamodels(m) or has_datamodels)
     for name in requested:
         unlearn.get(name)  # unknown names: the registry's message
         if name not in grids.PRESETS[grid]:
             raise ValueError(f"grid {grid!r} has no configs for method {name!r}; it covers {', '.join(available)}")
-        if name in DATAMODEL_TARGETS and not has_datamodels:
+        if needs_datamodels(name) and not has_datamodels:
             raise ValueError(f"method {name} needs datamodels: pass --datamodels (datamodels.npz of ascent_jax.forget_sets)")
     return tuple(dict.fromkeys(requested))
 
@@ -463,7 +467,7 @@ class Study:
 
     def rows_datamodels(self, method: str) -> str:
         """The datamodels digest a method's rows depend on (``"none"`` unless its targets come from datamodels)."""
-        return self.setup.datamodels_digest() if method in DATAMODEL_TARGETS else NO_DATAMODELS
+        return self.setup.datamodels_digest() if needs_datamodels(method) else NO_DATAMODELS
 
     def rows_entry(self, run: grids.Run) -> str:
         """The store entry (under ``sets/SET``) of the rows of one grid run."""
@@ -566,7 +570,8 @@ class Study:
                    disable=not s.options.progress or not ensemble.is_writer())
         for name, method, run in bar:
             bar.set_postfix_str(f"{name} {method} lr={run.config.lr:g}")
-            targets = {"om": oracles[name].get("target_logits"), "dmm": (dm or {}).get(name)}.get(method)
+            sources = {"oracles": oracles[name].get("target_logits"), "datamodels": (dm or {}).get(name)}
+            targets = sources.get(unlearn.get(method).targets)
             rows += self.grid_run(name, s.forget_sets[name], run, pretrained, targets,
                                   oracles[name]["margins"][: s.ensemble])
             have.add((name, self.rows_entry(run)))

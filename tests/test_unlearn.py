@@ -439,3 +439,18 @@ def test_datamodel_targets_have_exactly_the_predicted_margins():
 ])
 def test_relative_cost_counts_example_gradients(name, expected):
     assert unlearn.relative_cost(CONFIGS[name], 10, 90, 24) == pytest.approx(expected)
+
+
+def test_target_sources_are_declared_at_registration():
+    assert {name: unlearn.get(name).targets for name in unlearn.names() if unlearn.get(name).needs_targets} == {
+        "om": "oracles", "dmm": "datamodels"}
+
+    @dataclasses.dataclass(frozen=True)
+    class Matching(unlearn.MethodConfig):
+        lr: float
+        epochs: int
+
+    with pytest.raises(ValueError, match=r"targets of method 'matching' must be one of oracles, datamodels or None, "
+                                         r"got 'teacher'"):
+        unlearn.register("matching", Matching, lambda state, data, key, epoch_index, cfg: (state, {}), targets="teacher")
+    assert "matching" not in unlearn.names()

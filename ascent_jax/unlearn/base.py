@@ -215,9 +215,11 @@ class Method(NamedTuple):
 
     ``init(key, data, cfg) -> state`` (default: the pretrained model and an SGD state).
     ``from_scratch`` methods ignore the pretrained models and run under a seed derived from the
-    user's (:func:`derived_seed`), so they never replay pretraining's keys. ``needs_targets``
-    methods require per-replica target logits. ``cost(cfg, num_forget, num_retain)`` counts the
-    example-gradients one replica computes (``None``: unknown), for the papers' cost axis.
+    user's (:func:`derived_seed`), so they never replay pretraining's keys. ``targets`` names
+    where a method's per-replica target logits come from (one of :data:`TARGET_SOURCES`, or
+    ``None``: it takes none); a study builds them from that source, never from the method's name.
+    ``cost(cfg, num_forget, num_retain)`` counts the example-gradients one replica computes
+    (``None``: unknown), for the papers' cost axis.
     """
 
     name: str
@@ -225,28 +227,40 @@ class Method(NamedTuple):
     epoch: Callable
     init: Callable
     from_scratch: bool
-    needs_targets: bool
+    targets: str | None
     cost: Callable[[Any, int, int], float] | None = None
+
+    @property
+    def needs_targets(self) -> bool:
+        return self.targets is not None
+
+
+# Where target logits come from: retrained oracles (held out from KLoM's), or DM-direct's predictions
+TARGET_SOURCES = ("oracles", "datamodels")
 
 
 _METHODS: dict[str, Method] = {}
 
 
 def register(name: str, config: type, epoch: Callable, *, init: Callable | None = None,
-             from_scratch: bool = False, needs_targets: bool = False,
+             from_scratch: bool = False, targets: str | None = None,
              cost: Callable[[Any, int, int], float] | None = None) -> Method:
     """Register ``epoch`` (pure, one model) under ``name`` with its frozen config dataclass.
 
+    ``targets``: the source of the per-replica target logits it matches (:data:`TARGET_SOURCES`).
     ``cost(cfg, num_forget, num_retain)``, optional, is the number of example-gradients one
     replica computes in a run of ``cfg`` (see :func:`relative_cost`).
     """
+    if targets is not None and targets not in TARGET_SOURCES:
+        raise ValueError(f"targets of method {name!r} must be one of {', '.join(TARGET_SOURCES)} or None, got "
+                         f"{targets!r}")
     if not (dataclasses.is_dataclass(config) and isinstance(config, type) and config.__dataclass_params__.frozen):
         raise ValueError(f"config of method {name!r} must be a frozen dataclass type, got {config!r}")
     if name in _METHODS:
         raise ValueError(f"an unlearning method named {name!r} is already registered")
     if any(method.config is config for method in _METHODS.values()):
         raise ValueError(f"{config.__name__} is already the config of another method; give {name!r} its own class")
-    method = Method(name, config, epoch, init or start_from_pretrained, from_scratch, needs_targets, cost)
+    method = Method(name, config, epoch, init or start_from_pretrained, from_scratch, targets, cost)
     _METHODS[name] = method
     return method
 

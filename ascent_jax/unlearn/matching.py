@@ -114,5 +114,5 @@ def matching_cost(cfg: OracleMatchingConfig, num_forget: int, num_retain: int) -
     return cfg.epochs * (num_forget + retain_sample_size(cfg, num_retain))
 
 
-base.register("om", OracleMatchingConfig, oracle_matching_epoch, needs_targets=True, cost=matching_cost)
-base.register("dmm", DatamodelMatchingConfig, oracle_matching_epoch, needs_targets=True, cost=matching_cost)
+base.register("om", OracleMatchingConfig, oracle_matching_epoch, targets="oracles", cost=matching_cost)
+base.register("dmm", DatamodelMatchingConfig, oracle_matching_epoch, targets="datamodels", cost=matching_cost)
