@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ascent_jax.cli import ArgumentParser, check_writable, int_at_least, run_main
-from ascent_jax.cli import non_negative_float  # noqa: F401 -- the benchmarks' --min-seconds type
 from ascent_jax.files import atomic_write
 
 RESULTS = Path(__file__).resolve().parent / "results"  # committed results: written only when asked explicitly

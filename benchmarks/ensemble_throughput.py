@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ascent_jax import batches, data, ensemble, models, train
-from ascent_jax.cli import positive_int
+from ascent_jax.cli import non_negative_float, positive_int
 from benchmarks import common
 
 FULL_EPOCH = data.FASHION_MNIST.num_train
@@ -265,7 +265,7 @@ def parser():
                         help="models timed in the PyTorch loop (its per-model cost does not depend on K)")
     parser.add_argument("--repeats", type=positive_int, default=5,
                         help="most timed epochs per measurement (best is kept)")
-    parser.add_argument("--min-seconds", type=common.non_negative_float, default=2.5,
+    parser.add_argument("--min-seconds", type=non_negative_float, default=2.5,
                         help="stop repeating once this much was timed")
     parser.add_argument("--probes", type=_probe_list, default="", help=f"step-driven probes as comma-separated "
                         f"arch:probe (probe: {', '.join(PROBES)}), e.g. {ALL_PROBES}")

@@ -54,7 +54,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ascent_jax import batches, ensemble, models, train  # noqa: E402
-from ascent_jax.cli import positive_float, positive_int  # noqa: E402
+from ascent_jax.cli import non_negative_float, positive_float, positive_int  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 CIFAR_NORM = train.Normalization((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
@@ -262,12 +262,12 @@ def parser():
     parser.add_argument("--image-size", type=positive_int, default=32, help="image height and width (CIFAR-10: 32)")
     parser.add_argument("--repeats", type=positive_int, default=3,
                         help="most timed epochs per contender (best is kept)")
-    parser.add_argument("--min-seconds", type=common.non_negative_float, default=2.0,
+    parser.add_argument("--min-seconds", type=non_negative_float, default=2.0,
                         help="stop repeating once this much was timed")
     parser.add_argument("--matmul-size", type=positive_int, default=8192, help="n of the n x n matmul-rate probe")
     parser.add_argument("--peak-tflops", type=positive_float, default=None,
                         help="dense peak of the dtype (default: by device)")
-    parser.add_argument("--budget-seconds", type=common.non_negative_float, default=420,
+    parser.add_argument("--budget-seconds", type=non_negative_float, default=420,
                         help="start no contender after this many seconds")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch contenders")
     parser.add_argument("--output", default=str(common.OUTPUT_DIR / "gpu_check.json"), help="result file")

@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from ascent_jax import batches, ensemble, models, train  # noqa: E402
-from ascent_jax.cli import int_at_least, positive_int  # noqa: E402
+from ascent_jax.cli import int_at_least, non_negative_float, positive_int  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 SEED = 0
@@ -144,7 +144,7 @@ def parser():
                         help="ResNet-9 image height and width (at least 16)")
     parser.add_argument("--repeats", type=positive_int, default=3,
                         help="most timed epochs per contender (best is kept)")
-    parser.add_argument("--min-seconds", type=common.non_negative_float, default=5.0,
+    parser.add_argument("--min-seconds", type=non_negative_float, default=5.0,
                         help="stop repeating once this much was timed")
     parser.add_argument("--timed", type=common.name_list(tuple(SHAPES), allow_empty=True), default="cnn,resnet9",
                         help="architectures also trained and timed (others: compiled and analysed only; '' for none)")

@@ -58,7 +58,7 @@ METHOD_MARKERS = "o^sPvX<>pd"  # taken in turn by the unlearning methods (none i
 MAX_ACCURACY_DROP = 0.05
 WIDTH = 100  # columns of the terminal summary
 CLEARLY_ABOVE = 1.25  # without an interval, "clearly above the floor" means above this many times the oracle's KLoM
-INTERVALS = (("_ci_low", "_ci_high"),)  # the oracle row's interval over re-splits of the oracles (study.floor_interval)
+INTERVAL = ("_ci_low", "_ci_high")  # the oracle row's interval over re-splits of the oracles (study.floor_interval)
 KLOM_COLUMNS = tuple(f"klom_{stat}_{split}" for stat in ("p95", "mean") for split in ("forget", "retain", "val"))
 TABLES = ("results.parquet", "results.csv")
 
@@ -132,10 +132,9 @@ def check(table: pd.DataFrame, source: Path, time_method: str | None = None) -> 
 def _bound(row: pd.Series, column: str, side: int) -> tuple[float, bool]:
     """``row``'s lower (side 0) or upper (side 1) bound of ``column``: its interval's, when the table
     has one and it is finite, else the value itself; and whether it came from an interval."""
-    for suffixes in INTERVALS:
-        name = column + suffixes[side]
-        if name in row.index and pd.notna(row[name]) and np.isfinite(float(row[name])):
-            return float(row[name]), True
+    name = column + INTERVAL[side]
+    if name in row.index and pd.notna(row[name]) and np.isfinite(float(row[name])):
+        return float(row[name]), True
     return float(row[column]), False
 
 
@@ -254,7 +253,7 @@ def _scatter(table: pd.DataFrame, x: str, y: str, path: Path, title: str) -> Pat
     cmap = plt.get_cmap("viridis")
     marker_of = markers(table["method"])
     floor_x, floor_y = floors(table, x), floors(table, y)
-    interval = any(f"{y}{hi}" in table.columns for _, hi in INTERVALS)
+    interval = f"{y}{INTERVAL[1]}" in table.columns
     warned = resolution_warnings(table)
     fanned = diverged = False
     drawn = set()
@@ -504,7 +503,7 @@ def summary(table: pd.DataFrame) -> str:
         if name in warnings:
             lines += _wrap(warnings[name])
         parts.append("\n".join(lines))
-    interval = any(f"klom_p95_forget{hi}" in table.columns for _, hi in INTERVALS)
+    interval = f"klom_p95_forget{INTERVAL[1]}" in table.columns
     notes = ["* within the noise floor: at most the oracle row's KLoM for the same forget set and split"
              + (" (the upper end of its interval over re-splits of the oracles)" if interval else "")
              + ", so not distinguishable from retraining at this N."] if any(m.any() for m in marks.values()) else []
@@ -601,7 +600,7 @@ def report(table: pd.DataFrame) -> str:
     first = table.iloc[0]
     marks = {c: within_floor(table, c) for c in KLOM_COLUMNS if c in COLUMNS}
     warnings = resolution_warnings(table)
-    interval = any(f"klom_p95_forget{hi}" in table.columns for _, hi in INTERVALS)
+    interval = f"klom_p95_forget{INTERVAL[1]}" in table.columns
     lines = [f"# Unlearning study: {first['dataset']}, {first['model']}, N = {int(first['ensemble'])}", "",
              f"Device: {first['device']}. KLoM p95/mean over forget, retain and validation (test) points against "
              f"{int(first['ensemble'])} oracles. Read every number against the `oracle` row: independent oracles, "

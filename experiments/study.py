@@ -254,7 +254,7 @@ def score(oracle: np.ndarray, unlearned: np.ndarray, correct: np.ndarray | None,
     for name, rows in (("a", slice(0, half)), ("b", slice(half, None))):
         if half >= 2:
             forget = klom.klom(oracle[:, positions["forget"]], unlearned[rows][:, positions["forget"]])
-            row[f"klom_p95_forget_{name}"] = float(np.percentile(forget, 95))
+            row[f"klom_p95_forget_{name}"] = p95(forget)
         else:
             row[f"klom_p95_forget_{name}"] = float("nan")
         row[f"acc_val_{name}"] = accuracy(None if correct is None else correct[rows][:, positions["val"]])
