@@ -406,7 +406,7 @@ class Store:
     """
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+        self.root = Path(root).absolute()  # orbax refuses relative paths
 
     def path(self, name: str) -> Path:
         return self.root / name
@@ -488,7 +488,7 @@ class Checkpoints:
     """
 
     def __init__(self, directory: Path, tag: str, every: int, last: int):
-        self.directory, self.tag, self.last = Path(directory), tag, last
+        self.directory, self.tag, self.last = Path(directory).absolute(), tag, last  # orbax: absolute only
         options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=1, create=True,
                                                enable_async_checkpointing=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)

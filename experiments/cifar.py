@@ -63,7 +63,7 @@ def build_setup(args: argparse.Namespace) -> study.Setup:
     check_writable(Path(args.out))
     if args.snapshot is not None:
         check_writable(args.snapshot)
-    methods = study.check_methods(args.method, args.grid, has_datamodels=False)
+    methods = study.check_methods(args.method, args.grid)
     info = data.CIFAR10
     if args.data_dir is None:  # a dry run plans from CIFAR-10's known sizes; nothing is loaded
         x_train, y_train = np.zeros((info.num_train, *info.image_shape), np.uint8), np.zeros(info.num_train, np.int32)

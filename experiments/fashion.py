@@ -76,7 +76,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--forget-sets-dir", type=Path, default=FORGET_SETS_DIR,
                         help="output of python -m ascent_jax.forget_sets (default: the committed Fashion-MNIST sets)")
     parser.add_argument("--datamodels", type=Path, default=None,
-                        help="datamodels.npz of ascent_jax.forget_sets on the same subset: adds dm_direct and dmm")
+                        help="datamodels.npz of ascent_jax.forget_sets on the same subset: adds dm_direct and dmm_margin")
+    parser.add_argument("--class-datamodels", type=Path, default=None,
+                        help="class_datamodels.npz of ascent_jax.forget_sets --logits --fit-classes on the same subset: "
+                             "adds dm_direct_class and dmm (per-class targets, the paper's)")
     parser.add_argument("--pretrain-only", action="store_true",
                         help="stop after pretraining the replicas and printing their test accuracy")
     parser.add_argument("--dry-run", action="store_true",
@@ -143,7 +146,9 @@ def build_setup(args: argparse.Namespace) -> study.Setup:
     check_writable(Path(args.out))
     if args.snapshot is not None:
         check_writable(args.snapshot)
-    methods = study.check_methods(args.method or list(args.preset.methods), args.grid, args.datamodels is not None)
+    given = {"datamodels": args.datamodels, "class_datamodels": args.class_datamodels}
+    sources = frozenset({"oracles"} | {source for source, path in given.items() if path is not None})
+    methods = study.check_methods(args.method or list(args.preset.methods), args.grid, sources)
     x_train, y_train = data.load("fashion_mnist", "train", args.data_dir)
     x_test, y_test = data.load("fashion_mnist", "test", args.data_dir)
     subset = datamodels.study_subset(y_train, args.subset_size, args.subset_seed)
@@ -155,13 +160,22 @@ def build_setup(args: argparse.Namespace) -> study.Setup:
     requested = args.forget_set or (list(args.preset.forget_sets) if note is None else [fallback])
     chosen = study.resolve_forget_sets(requested, sets, len(y_train), subset)
     matrix = load_datamodels(args.datamodels, subset) if args.datamodels is not None else None
+    class_dm = None
+    if args.class_datamodels is not None:
+        class_dm = datamodels.load_class_datamodels(args.class_datamodels, subset)
+        for name, indices in chosen.items():
+            missing = np.setdiff1d(datamodels.positions_in_subset(subset, indices), class_dm.rows)
+            if missing.size:
+                raise ValueError(f"the class datamodels in {args.class_datamodels} do not cover {missing.size} points of "
+                                 f"forget set {name}; fit them with python -m ascent_jax.forget_sets --logits "
+                                 "--fit-classes on forget sets that include it")
     info = data.FASHION_MNIST
     return study.Setup(
         dataset="fashion_mnist", model=models.build(args.model, info.num_classes),
         train=train.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, peak_lr=args.pretrain_lr),
         images=x_train[subset], labels=y_train[subset], subset=subset, test_images=x_test, test_labels=y_test,
         norm=train.Normalization(info.mean, info.std), ensemble=args.ensemble, options=options,
-        forget_sets=chosen, methods=methods, grid=args.grid, lr=args.lr, datamodel_matrix=matrix,
+        forget_sets=chosen, methods=methods, grid=args.grid, lr=args.lr, datamodel_matrix=matrix, class_datamodels=class_dm,
         keep_checkpoints=args.keep_checkpoints, notes=(note,) if note else (), smoke=args.preset.smoke)
 
 

@@ -51,9 +51,9 @@ from matplotlib.patches import Patch  # noqa: E402
 from ascent_jax import files  # noqa: E402
 from ascent_jax.cli import ArgumentParser, run_main  # noqa: E402
 
-REFERENCES = ("pretrained", "oracle", "dm_direct")
+REFERENCES = ("pretrained", "oracle", "dm_direct", "dm_direct_class")
 REFERENCE_STYLES = {"pretrained": ("*", "black", 180), "oracle": ("D", "tab:green", 80),
-                    "dm_direct": ("h", "tab:purple", 80)}  # marker, colour, size
+                    "dm_direct": ("h", "tab:purple", 80), "dm_direct_class": ("H", "tab:pink", 80)}  # marker, colour, size
 METHOD_MARKERS = "o^sPvX<>pd"  # taken in turn by the unlearning methods (none is a reference's)
 MAX_ACCURACY_DROP = 0.05
 WIDTH = 100  # columns of the terminal summary
@@ -627,7 +627,9 @@ def report(table: pd.DataFrame) -> str:
     references = table[table["method"].isin(REFERENCES)]
     lines += ["## Mean margins against the oracles' (datamodel-matching paper, Fig. 4)", "",
               "Correlation and mean absolute difference between each reference's mean margin and the evaluation "
-              "oracles' mean margin, per point; `dm_direct` is the datamodels' prediction of the oracle margins.", "",
+              "oracles' mean margin, per point; `dm_direct` is the datamodels' prediction of the oracle margins "
+              "(`dm_direct_class`: from per-class datamodels, scored on the points they cover); `partial_retrain` "
+              "is retraining stopped after `epochs` of its epochs.", "",
               _markdown(references[["forget_set", "method", *MARGIN_COLUMNS]]), ""]
     chosen = selection(table)
     chosen_marks = {"fresh_b": chosen["fresh_b"] <= chosen["oracle_floor_b"]} if "fresh_b" in chosen else {}

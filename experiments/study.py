@@ -44,7 +44,12 @@ from ascent_jax.unlearn import grids
 from experiments import plots
 
 
-NO_DATAMODELS = "none"  # the datamodels digest of rows that use none (not "": CSV would read it back as NaN)
+DATAMODEL_FLAGS = {  # target sources built from files the user passes, and the flag that passes each
+    "datamodels": "--datamodels (datamodels.npz of python -m ascent_jax.forget_sets)",
+    "class_datamodels": "--class-datamodels (class_datamodels.npz of python -m ascent_jax.forget_sets --logits "
+                        "--fit-classes)"}
+PARTIAL = "partial_retrain"  # rows of retraining stopped after k of its E epochs
+NO_DATAMODELS = "none"  # a text column's value where it does not apply (not "": CSV would read it back as NaN)
 MIN_REPLICAS = 2  # KLoM compares margin distributions over replicas
 MAX_STEPS = 2**31 - 1  # optimiser step counters are int32
 HOST_MEMORY_FRACTION = 0.8  # of the machine's RAM a plan may use for what the study holds on the host
@@ -71,6 +76,7 @@ class Setup:
     grid: str
     lr: float | None = None
     datamodel_matrix: np.ndarray | None = None  # (n, n) margin datamodels on the study points
+    class_datamodels: datamodels.ClassDatamodels | None = None  # per-class logit datamodels of some rows
     keep_checkpoints: bool = False
     notes: tuple[str, ...] = ()  # printed with the plan (e.g. that forget sets fell back to random ones)
     smoke: bool = False  # a smoke-run preset: its N is too small for KLoM to mean anything, and it says so
@@ -87,9 +93,19 @@ class Setup:
                 "pretrain": json.dumps(dataclasses.asdict(self.train), sort_keys=True),
                 "subset_digest": ensemble.digest(self.subset), "test_digest": ensemble.digest(self.test_labels)}
 
-    def datamodels_digest(self) -> str:
-        """Digest of the datamodel matrix (``"none"`` without datamodels): rows built on it carry it."""
-        return NO_DATAMODELS if self.datamodel_matrix is None else ensemble.digest(self.datamodel_matrix)
+    def datamodels_digest(self, source: str | None = "datamodels") -> str:
+        """Digest of the datamodels a target source uses (``"none"`` for other sources or without them)."""
+        if source == "datamodels" and self.datamodel_matrix is not None:
+            return ensemble.digest(self.datamodel_matrix)
+        if source == "class_datamodels" and self.class_datamodels is not None:
+            cdm = self.class_datamodels
+            return ensemble.fingerprint([ensemble.digest(a) for a in (cdm.rows, cdm.matrix, cdm.bias)])
+        return NO_DATAMODELS
+
+    def sources(self) -> frozenset[str]:
+        """The target sources this study can build: the oracles always, datamodels when given."""
+        return frozenset({"oracles"} | {source for source in DATAMODEL_FLAGS
+                                        if self.datamodels_digest(source) != NO_DATAMODELS})
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,7 +127,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, ensemble_size: int, model:
     parser.add_argument("--lr", type=positive_float, default=None,
                         help="run every method at this learning rate instead of its grid's rates")
     parser.add_argument("--forget-set", action="append", default=None, metavar="NAME|FILE", help=forget_help)
-    parser.add_argument("--grid", default=grid, help=f"grid preset: {', '.join(grids.PRESETS)} (default {grid})")
+    parser.add_argument("--grid", default=grid, help=f"grid preset: {', '.join(grids.presets())} (default {grid})")
     parser.add_argument("--data-dir", default=None, help="folder with the data set files")
     parser.add_argument("--out", default=out, help=f"run directory (default {out}); rerunning resumes")
     parser.add_argument("--seed", type=prng_seed, default=0, help="base seed (replica i uses fold_in(key(seed), i))")
@@ -125,27 +141,33 @@ def add_arguments(parser: argparse.ArgumentParser, *, ensemble_size: int, model:
 
 def grid_methods() -> tuple[str, ...]:
     """Registered methods that some grid preset runs (the references, do-nothing and retraining, have none)."""
-    return tuple(name for name in unlearn.names() if any(name in preset for preset in grids.PRESETS.values()))
+    return tuple(name for name in unlearn.names() if unlearn.get(name).grids)
 
 
 def needs_datamodels(method: str) -> bool:
-    """Whether the study builds ``method``'s targets from --datamodels (DM-direct's predictions)."""
-    return unlearn.get(method).targets == "datamodels"
+    """Whether the study builds ``method``'s targets from datamodels (DM-direct's predictions)."""
+    return unlearn.get(method).targets in DATAMODEL_FLAGS
 
 
-def check_methods(requested: list[str] | None, grid: str, has_datamodels: bool) -> tuple[str, ...]:
-    """The methods to run, validated against the registry and the grid preset."""
-    if grid not in grids.PRESETS:
-        raise ValueError(f"unknown grid preset {grid!r}; choose one of {', '.join(grids.PRESETS)}")
-    available = [m for m in grid_methods() if m in grids.PRESETS[grid]]
+def check_methods(requested: list[str] | None, grid: str, sources: frozenset[str] = frozenset({"oracles"})
+                  ) -> tuple[str, ...]:
+    """The methods to run, validated against the registry, the grid preset and the target ``sources`` at hand.
+
+    Without ``requested``: every method of the grid whose targets can be built.
+    """
+    presets = grids.presets()
+    if grid not in presets:
+        raise ValueError(f"unknown grid preset {grid!r}; choose one of {', '.join(presets)}")
+    available = [m for m in grid_methods() if m in presets[grid]]
     if requested is None:
-        return tuple(m for m in available if not needs_datamodels(m) or has_datamodels)
+        return tuple(m for m in available if unlearn.get(m).targets in sources | {None})
     for name in requested:
         unlearn.get(name)  # unknown names: the registry's message
-        if name not in grids.PRESETS[grid]:
+        if name not in presets[grid]:
             raise ValueError(f"grid {grid!r} has no configs for method {name!r}; it covers {', '.join(available)}")
-        if needs_datamodels(name) and not has_datamodels:
-            raise ValueError(f"method {name} needs datamodels: pass --datamodels (datamodels.npz of ascent_jax.forget_sets)")
+        source = unlearn.get(name).targets
+        if source in DATAMODEL_FLAGS and source not in sources:
+            raise ValueError(f"method {name} needs datamodels: pass {DATAMODEL_FLAGS[source]}")
     return tuple(dict.fromkeys(requested))
 
 
@@ -386,7 +408,11 @@ class Study:
         return result.states, margins, correct
 
     def oracles(self, name: str, forget: np.ndarray) -> dict[str, np.ndarray]:
-        """2N oracles retrained without ``forget``: margins of all, target logits of N..2N-1 (cached)."""
+        """2N oracles retrained without ``forget``: margins of all, target logits of N..2N-1 (cached).
+
+        Also the margins of oracles N..2N-1 after each of the first E-1 epochs (``partial_margins``
+        ``(E-1, N, n_eval)``): partial retraining, the same recipe stopped after k of its E epochs.
+        """
         s = self.setup
         store, tag = ensemble.Store(self.out / "sets" / name), self.stage_tag(forget)
         cached = store.load("oracles", tag)
@@ -394,24 +420,35 @@ class Study:
             return cached[0]
         positions = datamodels.positions_in_subset(s.subset, forget)
         work = self.out / "work" / name / "oracles"
+        epochs = s.train.epochs
         result = unlearn.unlearn(unlearn.RetrainConfig(train=s.train), s.model, None, s.images, s.labels, s.norm,
                                  positions, s.options, num_members=2 * s.ensemble, test_images=s.test_images,
-                                 test_labels=s.test_labels, keep_variables=True, checkpoint_dir=work)
+                                 test_labels=s.test_labels, keep_variables=True, checkpoint_dir=work,
+                                 snapshot_epochs=range(1, epochs + 1))
         if result.diverged.any():
             raise ValueError(f"retraining the oracles of forget set {name} diverged (oracles "
                              f"{np.flatnonzero(result.diverged).tolist()[:5]}...) under the pretraining recipe; delete "
                              f"{self.out} and rerun with a lower --pretrain-lr")
-        _, targets = unlearn.split_oracles(result.variables[s.train.epochs], s.ensemble)
-        arrays = {"margins": result.margins[s.train.epochs], "correct": result.correct[s.train.epochs],
+        _, targets = unlearn.split_oracles(result.variables[epochs], s.ensemble)
+        arrays = {"margins": result.margins[epochs], "correct": result.correct[epochs],
                   "target_logits": unlearn.target_logits(s.model, targets, s.images, s.norm, s.options).astype(np.float32)}
+        if epochs > 1:  # the store keeps no empty arrays
+            arrays["partial_margins"] = np.stack([result.margins[k][s.ensemble:] for k in range(1, epochs)])
+            arrays["partial_correct"] = np.stack([result.correct[k][s.ensemble:] for k in range(1, epochs)])
         store.save("oracles", tag, arrays)
         self.prune(work)
         return arrays
 
     def reference_rows(self, name: str, forget: np.ndarray, oracle: dict, pretrained_margins: np.ndarray,
                        pretrained_correct: np.ndarray, dm_margins: np.ndarray | None,
-                       read_only: bool = False) -> list[dict]:
-        """The pretrained model, the independent oracles (noise floor) and DM-direct, scored like methods.
+                       class_targets: tuple[np.ndarray, np.ndarray] | None = None, read_only: bool = False) -> list[dict]:
+        """The pretrained model, the independent oracles (noise floor), partial retraining and DM-direct, scored
+        like methods.
+
+        Partial retraining (``partial_retrain``, epochs k < E, cost k/E) is the target oracles'
+        snapshot after k epochs, scored against the evaluation oracles as the oracle row is.
+        ``dm_direct_class`` (per-class datamodels' DM-direct) is scored on the rows they cover only:
+        the forget set and, as its retain split, the covered retain points.
 
         Their rows are also kept in the set's store (``rows/references``, ``rows/dm_direct-DIGEST``)
         so the table of a later invocation still has them (:meth:`finished_rows`).
@@ -425,12 +462,27 @@ class Study:
             self.row(name, forget, "oracle", {}, 1.0, {
                 **score(evaluation, oracle["margins"][n:], oracle["correct"][n:], positions),
                 **floor_interval(evaluation, oracle["margins"][n:], positions)})]}
+        epochs = self.setup.train.epochs
+        for k, (margins, correct) in enumerate(zip(oracle.get("partial_margins", []), oracle.get("partial_correct", [])),
+                                               start=1):
+            entries["rows/references"].append(self.row(name, forget, PARTIAL, {"epochs": k}, k / epochs,
+                                                        score(evaluation, margins, correct, positions)))
         if dm_margins is not None:
             train_positions = {k: v for k, v in positions.items() if k != "val"}
             scores = score(evaluation[:, : self.num_train], dm_margins, None, {**train_positions, "val": np.arange(0)})
             digest = self.setup.datamodels_digest()
             entries[f"rows/dm_direct-{digest}"] = [self.row(name, forget, "dm_direct", {}, 0.0, scores,
                                                             datamodels=digest)]
+        if class_targets is not None:
+            targets, covered = class_targets
+            predicted = np.full((targets.shape[0], self.num_train), np.nan, np.float32)
+            predicted[:, covered] = klom.margins(targets[:, covered], self.setup.labels[covered])
+            split = {"forget": positions["forget"], "retain": np.setdiff1d(covered, positions["forget"]),
+                     "val": np.arange(0)}
+            scores = score(evaluation[:, : self.num_train], predicted, None, split)
+            digest = self.setup.datamodels_digest("class_datamodels")
+            entries[f"rows/dm_direct_class-{digest}"] = [self.row(name, forget, "dm_direct_class", {}, 0.0, scores,
+                                                                  datamodels=digest)]
         store, tag = ensemble.Store(self.out / "sets" / name), self.stage_tag(forget)
         rows = []
         for entry, entry_rows in entries.items():
@@ -457,17 +509,24 @@ class Study:
 
     def row(self, name, forget, method, params: dict, cost: float, scores: dict, *, datamodels: str = NO_DATAMODELS,
             **extra) -> dict:
-        """One tidy result row, with the run's identity and the digests of its forget set and datamodels."""
+        """One tidy result row, with the run's identity and the digests of its forget set and datamodels.
+
+        ``params`` is the method's config as a dict (:func:`dataclasses.asdict`); its optimiser
+        and its matching target convention also get columns of their own (``"none"`` without).
+        """
+        optimizer = params.get("optimizer")
         return {"forget_set": name, "forget_size": len(forget), "method": method,
                 "params": json.dumps(params, sort_keys=True), "lr": params.get("lr", np.nan),
-                "epochs": params.get("epochs", 0), **scores, "diverged": False, "diverged_fraction": 0.0,
+                "epochs": params.get("epochs", 0),
+                "optimizer": unlearn.Optimizer(**optimizer).describe() if optimizer else NO_DATAMODELS,
+                "target": params.get("target", NO_DATAMODELS), **scores, "diverged": False, "diverged_fraction": 0.0,
                 "diverged_fraction_a": 0.0, "diverged_epoch": -1, "relative_cost": cost, "wall_time_s": 0.0,
                 "device": self.device, **self.setup.identity(), "forget_digest": ensemble.digest(np.asarray(forget, np.int64)),
                 "datamodels_digest": datamodels, **extra}
 
     def rows_datamodels(self, method: str) -> str:
         """The datamodels digest a method's rows depend on (``"none"`` unless its targets come from datamodels)."""
-        return self.setup.datamodels_digest() if needs_datamodels(method) else NO_DATAMODELS
+        return self.setup.datamodels_digest(unlearn.get(method).targets)
 
     def rows_entry(self, run: grids.Run) -> str:
         """The store entry (under ``sets/SET``) of the rows of one grid run."""
@@ -481,8 +540,18 @@ class Study:
         return ensemble.fingerprint({"study": self.setup.fingerprint_config(),
                                      "forget": ensemble.digest(np.asarray(forget, np.int64))})
 
+    def class_targets(self, forget: np.ndarray, pretrained_logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """DMM's per-class targets ``(K, n, C)``: DM-direct's predicted logits on the rows the class datamodels
+        cover (the pretrained logits elsewhere, never read), and those rows."""
+        cdm = self.setup.class_datamodels
+        predicted = datamodels.dm_direct_logits(pretrained_logits[:, cdm.rows], cdm,
+                                                datamodels.positions_in_subset(self.setup.subset, forget))
+        targets = np.array(pretrained_logits, np.float32)
+        targets[:, cdm.rows] = predicted
+        return targets, cdm.rows
+
     def grid_run(self, name: str, forget: np.ndarray, run: grids.Run, pretrained: Any, targets: np.ndarray | None,
-                 oracle_margins: np.ndarray) -> list[dict]:
+                 oracle_margins: np.ndarray, target_rows: np.ndarray | None = None) -> list[dict]:
         """Run one grid run (one config at its largest epoch count, snapshotted at the others); cached rows."""
         s = self.setup
         method = unlearn.get(run.config).name
@@ -496,7 +565,7 @@ class Study:
         result = unlearn.unlearn(run.config, s.model, pretrained, s.images, s.labels, s.norm, positions["forget"],
                                  s.options.replace(progress=False), snapshot_epochs=run.snapshot_epochs,
                                  test_images=s.test_images, test_labels=s.test_labels, targets=targets,
-                                 checkpoint_dir=work)
+                                 target_rows=target_rows, checkpoint_dir=work)
         wall = time.time() - started
         half = s.ensemble // 2
         rows = []
@@ -538,8 +607,8 @@ class Study:
                              ) from None
         if pretrain_only:
             return None
-        dm = None
-        if s.datamodel_matrix is not None:
+        dm, class_targets = None, {}
+        if s.datamodel_matrix is not None or s.class_datamodels is not None:
             dm = {"pretrained_logits": unlearn.target_logits(s.model, pretrained, s.images, s.norm, s.options)}
         rows, oracles, runs, have = [], {}, [], set()
         sets = dict(s.forget_sets)
@@ -551,14 +620,17 @@ class Study:
         for name, forget in sets.items():
             oracles[name] = self.oracles(name, forget)
             dm_margins = None
-            if dm is not None:
+            if s.datamodel_matrix is not None:
                 forget_pos = datamodels.positions_in_subset(s.subset, forget)
                 dm_margins = datamodels.dm_direct_margins(pretrained_margins[:, : self.num_train],
                                                           s.datamodel_matrix, forget_pos).astype(np.float32)
                 dm[name] = unlearn.datamodel_targets(dm["pretrained_logits"], s.labels, dm_margins)
+            if s.class_datamodels is not None:
+                class_targets[name] = self.class_targets(forget, dm["pretrained_logits"])
             rows += self.reference_rows(name, forget, oracles[name], pretrained_margins, pretrained_correct, dm_margins,
-                                        read_only)
-            have |= {(name, "rows/references"), (name, f"rows/dm_direct-{s.datamodels_digest()}")}
+                                        class_targets.get(name), read_only)
+            have |= {(name, "rows/references"), (name, f"rows/dm_direct-{s.datamodels_digest()}"),
+                     (name, f"rows/dm_direct_class-{s.datamodels_digest('class_datamodels')}")}
         # methods outer, sets inner: a partial run already compares every set for the first methods
         for method in s.methods:
             for name in sets:
@@ -570,10 +642,11 @@ class Study:
                    disable=not s.options.progress or not ensemble.is_writer())
         for name, method, run in bar:
             bar.set_postfix_str(f"{name} {method} lr={run.config.lr:g}")
-            sources = {"oracles": oracles[name].get("target_logits"), "datamodels": (dm or {}).get(name)}
-            targets = sources.get(unlearn.get(method).targets)
+            sources = {"oracles": (oracles[name].get("target_logits"), None), "datamodels": ((dm or {}).get(name), None),
+                       "class_datamodels": class_targets.get(name, (None, None))}
+            targets, target_rows = sources.get(unlearn.get(method).targets, (None, None))
             rows += self.grid_run(name, s.forget_sets[name], run, pretrained, targets,
-                                  oracles[name]["margins"][: s.ensemble])
+                                  oracles[name]["margins"][: s.ensemble], target_rows)
             have.add((name, self.rows_entry(run)))
         table = pd.DataFrame(rows + self.finished_rows(have))
         plots.save(table, snapshot or self.out)

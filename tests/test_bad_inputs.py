@@ -588,7 +588,7 @@ LIBRARY_CASES = [
                  id="model-one-class"),
     pytest.param(lambda: models.build("mlp", 10, dtype="float16"), ValueError,
                  r"dtype must be 'float32' or 'bfloat16', got 'float16'", id="model-dtype"),
-    pytest.param(lambda: grids.expand("ga", "nope"), ValueError, r"unknown grid preset 'nope'; choose one of paper, cpu",
+    pytest.param(lambda: grids.expand("ga", "nope"), ValueError, r"unknown grid preset 'nope'; choose one of paper, benchmark, cpu",
                  id="unknown-grid-preset"),
     pytest.param(lambda: grids.expand("do_nothing", "cpu"), ValueError,
                  r"preset 'cpu' has no grid for 'do_nothing'; it has ga, gda", id="no-grid-for-method"),
@@ -803,11 +803,14 @@ STUDY_CASES = [
                  id="checkpoint-every-0"),
     pytest.param(["--model", "vit"], r"argument --model: invalid choice: 'vit'", id="unknown-model"),
     pytest.param(["--method", "nope"], r"unknown unlearning method 'nope'; choose one of ga, ", id="unknown-method"),
-    pytest.param(["--grid", "huge"], r"unknown grid preset 'huge'; choose one of paper, cpu, main, quick$", id="unknown-grid"),
-    pytest.param(["--method", "dmm", "--grid", "quick"], r"method dmm needs datamodels: pass --datamodels",
-                 id="dmm-without-datamodels"),
-    pytest.param(["--method", "dmm"], r"grid 'main' has no configs for method 'dmm'; it covers ga, gda, om$",
-                 id="method-outside-the-grid"),
+    pytest.param(["--grid", "huge"], r"unknown grid preset 'huge'; choose one of paper, benchmark, cpu, main, quick$", id="unknown-grid"),
+    pytest.param(["--method", "dmm", "--grid", "quick"], r"method dmm needs datamodels: pass --class-datamodels "
+                 r"\(class_datamodels.npz of python -m ascent_jax.forget_sets --logits --fit-classes\)$",
+                 id="dmm-without-class-datamodels"),
+    pytest.param(["--method", "dmm_margin", "--grid", "quick"], r"method dmm_margin needs datamodels: pass --datamodels",
+                 id="dmm-margin-without-datamodels"),
+    pytest.param(["--method", "scrub"], r"grid 'main' has no configs for method 'scrub'; it covers ga, gda, om, dmm, "
+                 r"dmm_margin$", id="method-outside-the-grid"),
     pytest.param(["--forget-set", "set99"], r"unknown forget set 'set99': give a set name \(", id="unknown-forget-set"),
     pytest.param(["--forget-set", "{bad_index}"], r"forget set file {bad_index}: indices out of range \[0, 60000\)",
                  id="forget-indices-out-of-range"),
@@ -817,6 +820,8 @@ STUDY_CASES = [
                  id="forget-indices-outside-the-study-subset"),
     pytest.param(["--data-dir", "{empty}"], r"{empty} has neither train-images-idx3-ubyte.gz nor", id="data-dir-empty"),
     pytest.param(["--datamodels", "{nowhere}"], r"datamodels file {nowhere} does not exist", id="datamodels-missing"),
+    pytest.param(["--class-datamodels", "{nowhere}"], r"class datamodels file {nowhere} does not exist",
+                 id="class-datamodels-missing"),
     pytest.param(["--out", "{a_file}"], r"output directory {a_file} is not writable \(or is a file\)", id="out-is-a-file"),
     # whole-plan checks: what used to fail only after training had written the run directory
     pytest.param(["--ensemble", "1"], r"--ensemble 1: KLoM compares the margin distributions of N replicas with N "

@@ -311,3 +311,17 @@ def test_finalize_keeps_outputs_and_drops_checkpoints(tmp_path, mlp_setup):
                                  finalize=lambda v: pytest.fail("a finished chunk was trained again"))
     np.testing.assert_array_equal(again.states, result.states)
     np.testing.assert_array_equal(again.metrics["loss"], result.metrics["loss"])
+
+
+def test_a_relative_checkpoint_directory_works(tmp_path, mlp_setup, monkeypatch):
+    """orbax refuses relative paths; the engine resolves them (the README's main job writes to runs/...)."""
+    model, x, y, norm = mlp_setup
+    monkeypatch.chdir(tmp_path)
+    options = RunOptions(progress=False)
+    first = train.train_ensemble(model, TINY, x, y, norm, options, num_members=2, checkpoint_dir="runs/relative")
+    again = train.train_ensemble(model, TINY, x, y, norm, options, num_members=2, checkpoint_dir="runs/relative")
+    chex.assert_trees_all_equal(again.states, first.states)
+    assert ensemble.finished_epochs(tmp_path / "runs" / "relative") == [TINY.epochs]
+    store = ensemble.Store("runs/store")
+    store.save("entry", "tag", {"a": np.arange(3)})
+    np.testing.assert_array_equal(ensemble.Store(tmp_path / "runs" / "store").load("entry", "tag")[0]["a"], np.arange(3))

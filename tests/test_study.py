@@ -43,7 +43,7 @@ def smoke(tmp_path_factory) -> Path:
 def test_smoke_writes_table_report_and_plots(smoke):
     table = pd.read_parquet(smoke / "results.parquet")
     assert list(dict.fromkeys(table["method"])) == ["pretrained", "oracle", "ga", "om"]
-    assert len(table) == 2 + 6 + 6  # references + quick grid: GA 2 lrs x 3 epochs, OM 2 lrs x 3 epochs
+    assert len(table) == 2 + 6 + 3  # references + quick grid: GA 2 lrs x 3 epochs, OM 1 lr x 3 epochs
     assert set(table["forget_set"]) == {"fallback-random10"} and (table["forget_size"] == 10).all()
     for split in ("forget", "retain", "val"):
         assert table[f"klom_p95_{split}"].between(0, 1e3).all()
@@ -97,7 +97,7 @@ def test_pieces_of_a_study_merge_into_the_whole_study(smoke, tmp_path):
     merged = pd.read_parquet(out / "results.parquet")
     pd.testing.assert_frame_equal(stable(merged), stable(pd.read_parquet(whole / "results.parquet")))
     assert json.loads((out / "merged_from.json").read_text()) == {
-        "rows": 14 + 3, "sources": {str(smoke): 14, str(piece): 2 + 3}}
+        "rows": 11 + 3, "sources": {str(smoke): 11, str(piece): 2 + 3}}
     assert "finetune" in (out / "report.md").read_text() and (out / "forget_vs_val.png").stat().st_size > 0
 
 
@@ -303,7 +303,16 @@ def test_quick_preset_labels_itself_a_smoke_run(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("SMOKE RUN (--quick)") and result.stdout.count("SMOKE RUN (--quick)") == 2
     table = pd.read_parquet(out / "results.parquet")
-    assert set(table["method"]) == {"pretrained", "oracle", "ga", "om"} and (table["ensemble"] == 4).all()
+    assert set(table["method"]) == {"pretrained", "oracle", "partial_retrain", "ga", "om"}
+    assert (table["ensemble"] == 4).all()
+    # partial retraining: the target oracles after 1 of their 2 epochs, at half of retraining's cost
+    partial, oracle = table[table["method"] == "partial_retrain"], table[table["method"] == "oracle"]
+    assert partial["epochs"].tolist() == [1] and partial["relative_cost"].tolist() == [0.5]
+    assert partial["acc_val"].item() < oracle["acc_val"].item()
+    om = table[table["method"] == "om"]
+    assert set(om["optimizer"]) == {"adam, decay 0.95/epoch"} and set(om["target"]) == {"mean"}
+    assert set(table.loc[table["method"] == "ga", "optimizer"]) == {"sgd, momentum 0.9"}
+    assert set(table.loc[table["method"].isin(["pretrained", "oracle", "partial_retrain"]), "optimizer"]) == {"none"}
 
 
 def test_a_subset_too_small_for_the_default_random_set_falls_back_to_a_smaller_one():
@@ -318,7 +327,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(capsys, tmp_path):
     assert run_main(fashion.main, ["--dry-run", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "N = 50 replicas, 100 oracles per forget set; forget sets: set2-random100 (100), set8-pc2-top100 (100)" in printed
-    assert "work: pretraining 5.3 M, oracles 21.1 M, unlearning 17.4 M example-gradients" in printed
+    assert "work: pretraining 5.3 M, oracles 21.1 M, unlearning 17.7 M example-gradients" in printed
     assert re.search(r"pretraining memory on 1 cpu device\(s\), layout map: [\d.]+ MiB per member", printed)
     assert not out.exists()
     assert run_main(fashion.main, ["--dry-run", "--ensemble", "1", "--out", str(out)]) == 2  # the same checks as a run

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from ascent_jax import klom, models, train, unlearn
-from ascent_jax.unlearn import base, grids
+from ascent_jax.unlearn import base, catalog, grids
 
 README = Path(unlearn.__file__).with_name("README.md").read_text()
 
@@ -38,12 +38,27 @@ def test_add_a_method_example_runs(fashion_small, fashion_norm, monkeypatch):
     assert result.metrics["forget_loss"].shape == (2, 2)
 
 
-def test_readme_grid_table_matches_the_presets():
-    for preset, methods in grids.PRESETS.items():
+def test_readme_tables_are_generated_from_the_registry():
+    assert catalog.render(README) == README, "run python -m ascent_jax.unlearn.catalog"
+    for name in unlearn.names():
+        assert f"| `{name}` | `{unlearn.get(name).config.__name__}(" in README
+    for preset, methods in grids.presets().items():
         for method in methods:
             configs = grids.expand(method, preset)
             row = re.search(rf"^\| {preset} \| {method} \|.*\| (\d+) \| (\d+) \|$", README, re.M)
             assert row, f"README has no grid row for {preset}/{method}"
             assert (int(row.group(1)), int(row.group(2))) == (len(configs), len(grids.group_runs(configs)))
-    for name in unlearn.names():
-        assert f"| `{name}` |" in README, f"README's method table lacks {name}"
+
+
+def test_a_new_method_appears_in_the_generated_tables(monkeypatch):
+    monkeypatch.setattr(base, "_METHODS", dict(base._METHODS))
+    namespace = {}
+    exec(compile(_example().split("unlearn.register(")[0], "README.md", "exec"), namespace)
+    unlearn.register("random_labels", namespace["RandomLabelConfig"], namespace["random_label_epoch"],
+                     grids={"quick": {"lr": (1e-2,), "epochs": (1, 2)}})
+    assert catalog.render(README) != README
+    assert ("| `random_labels` | `RandomLabelConfig(lr, epochs, batch_size=64)` | sgd, momentum 0.9 | Fit the forget "
+            "set to random wrong labels (10 classes): one model, one epoch, pure. | - | pretrained model |"
+            in catalog.method_table())
+    assert "| quick | random_labels | lr 0.01 × epochs ∈ {1, 2} | 2 | 1 |" in catalog.grid_table()
+    assert catalog.main(["--check"]) == 1

@@ -13,9 +13,10 @@ replicas, chunks, shards and checkpoints, and takes margin snapshots at a list o
 
 Conventions shared by every built-in method:
 
-* Optimiser: plain SGD, ``optax.sgd(lr)`` with no momentum and no weight decay, as the public
-  benchmark does (its optimiser is given only the learning rate). The rate lives in the
-  optimiser state (``optax.inject_hyperparams``), so a method may change it per epoch, purely.
+* Optimiser: the config's ``optimizer`` (:class:`ascent_jax.unlearn.optimizers.Optimizer`), whose
+  default is the method's authors' setting; the driver sets epoch ``e``'s learning rate to
+  ``lr * epoch_decay ** e`` before the epoch runs (the rate lives in the optimiser state), and a
+  method may scale it further, purely. ``gradient_step`` applies it; no method writes an update.
 * Batch norm: train mode in every update step (batch statistics normalise, running averages
   are updated, as PyTorch's ``.train()``); eval mode (running averages) for margins and for
   frozen reference models such as SCRUB's teacher.
@@ -41,6 +42,7 @@ import optax
 
 from ascent_jax import batches, ensemble, train
 from ascent_jax.models import Model
+from ascent_jax.unlearn.optimizers import PLAIN_SGD, Optimizer
 
 # Stream ids folded into a replica's key, one per source of randomness, so streams never share
 # draws; pretraining uses 0 (init), 1 (shuffle) and 2 (augmentation).
@@ -61,8 +63,9 @@ class MethodConfig:
 
     Subclass it with a ``@dataclasses.dataclass(frozen=True)``; ``__post_init__`` then raises
     ``ValueError`` for a field ``lr`` that is not a positive finite number, ``epochs`` or any
-    ``*batch_size`` that is not a positive integer, and any other ``*_epochs`` that is not a
-    non-negative integer. Override ``__post_init__`` (calling ``super()``) to add checks.
+    ``*batch_size`` that is not a positive integer, any other ``*_epochs`` that is not a
+    non-negative integer, and an ``optimizer`` that is not an :class:`Optimizer`. Override
+    ``__post_init__`` (calling ``super()``) to add checks.
     """
 
     def __post_init__(self):
@@ -77,6 +80,9 @@ class MethodConfig:
                     raise ValueError(f"{type(self).__name__}: {name} must be a positive integer, got {value!r}")
             elif name.endswith("_epochs") and not (is_integer(value) and value >= 0):
                 raise ValueError(f"{type(self).__name__}: {name} must be a non-negative integer, got {value!r}")
+            elif name == "optimizer" and not isinstance(value, Optimizer):
+                raise ValueError(f"{type(self).__name__}: optimizer must be an ascent_jax.unlearn.Optimizer, "
+                                 f"got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,17 +101,22 @@ class UnlearnData:
     """Everything one replica's epoch reads; built inside the traced epoch, never mutated.
 
     ``images``/``labels`` are the whole training set on device (uint8, int32), ``forget`` and
-    ``retain`` index it; ``pretrained`` and ``targets`` are this replica's own inputs. In a
-    method's ``init`` the images and labels are ``None`` (only shapes and indices are known).
+    ``retain`` index it; ``retain_pool`` is the part of ``retain`` that has targets (all of it
+    unless ``unlearn(..., target_rows=)`` says otherwise), where matching methods sample;
+    ``pretrained`` and ``targets`` are this replica's own inputs; ``optimizer`` is the config's
+    transformation (``None`` for methods without one). In a method's ``init`` the images and
+    labels are ``None`` (only shapes and indices are known).
     """
 
     model: Model
     norm: train.Normalization
     input_shape: tuple[int, ...]
+    optimizer: optax.GradientTransformation | None
     images: Any
     labels: Any
     forget: Any
     retain: Any
+    retain_pool: Any
     pretrained: Any
     targets: Any
 
@@ -118,34 +129,27 @@ class UnlearnData:
 # --------------------------------------------------------------------------------------------
 # Optimiser and steps
 
-_SGD = optax.inject_hyperparams(optax.sgd)
-
-
-def sgd(lr: float) -> optax.GradientTransformation:
-    """Plain SGD (no momentum, no weight decay) with its learning rate kept in the state."""
-    return _SGD(learning_rate=lr)
-
 
 def set_learning_rate(state: train.TrainState, lr: jax.Array) -> train.TrainState:
-    """The state with SGD's learning rate replaced (for schedules on the epoch index)."""
+    """The state with the optimiser's learning rate replaced (for schedules on the epoch index)."""
     hyperparams = {**state.opt_state.hyperparams, "learning_rate": jnp.asarray(lr, jnp.float32)}
     return state._replace(opt_state=state.opt_state._replace(hyperparams=hyperparams))
 
 
 def learning_rate(state: train.TrainState) -> jax.Array:
-    """SGD's current learning rate."""
+    """The optimiser's current learning rate."""
     return state.opt_state.hyperparams["learning_rate"]
 
 
 def start_from_pretrained(key: jax.Array, data: UnlearnData, cfg: Any) -> train.TrainState:
-    """Default ``init``: this replica's pretrained variables and a fresh SGD state at ``cfg.lr``."""
-    del key
-    return train.TrainState(data.pretrained, sgd(cfg.lr).init(data.pretrained["params"]))
+    """Default ``init``: this replica's pretrained variables and a fresh state of the config's optimiser."""
+    del key, cfg
+    return train.TrainState(data.pretrained, data.optimizer.init(data.pretrained["params"]))
 
 
 def gradient_step(state: train.TrainState, batch: batches.Batch, objective: Callable[[jax.Array], jax.Array],
-                  model: Model) -> tuple[train.TrainState, jax.Array]:
-    """One SGD step of ONE model minimising ``objective(logits)``; batch norm in train mode.
+                  model: Model, optimizer: optax.GradientTransformation) -> tuple[train.TrainState, jax.Array]:
+    """One ``optimizer`` step of ONE model minimising ``objective(logits)``; batch norm in train mode.
 
     Returns the new state and the objective before the step. Pure.
     """
@@ -157,7 +161,7 @@ def gradient_step(state: train.TrainState, batch: batches.Batch, objective: Call
         return objective(logits), batch_stats
 
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = _SGD(learning_rate=0.0).update(grads, state.opt_state, params)  # rate from the state
+    updates, opt_state = optimizer.update(grads, state.opt_state, params)  # the rate comes from the state
     variables = {"params": optax.apply_updates(params, updates), "batch_stats": batch_stats}
     return train.TrainState(variables, opt_state), loss
 
@@ -169,7 +173,7 @@ def stream_key(key: jax.Array, stream: int, epoch_index: jax.Array) -> jax.Array
 
 def run_pass(state: train.TrainState, data: UnlearnData, subset: jax.Array, key: jax.Array, batch_size: int,
              objective: Callable[[jax.Array, batches.Batch, jax.Array], jax.Array]):
-    """One shuffled pass over ``subset`` in batches, an SGD step on each; ``(state, mean objective)``.
+    """One shuffled pass over ``subset`` in batches, an optimiser step on each; ``(state, mean objective)``.
 
     ``objective(logits, batch, indices)`` is minimised; ``indices`` are the batch's positions in
     the training set (to look up per-point targets). A subset smaller than ``batch_size`` forms
@@ -180,7 +184,8 @@ def run_pass(state: train.TrainState, data: UnlearnData, subset: jax.Array, key:
     def body(state, inputs):
         batch_indices, batch_valid = inputs
         batch = data.batch(batch_indices, batch_valid)
-        return gradient_step(state, batch, lambda logits: objective(logits, batch, batch_indices), data.model)
+        return gradient_step(state, batch, lambda logits: objective(logits, batch, batch_indices), data.model,
+                             data.optimizer)
 
     state, losses = jax.lax.scan(body, state, (indices, valid))
     return state, jnp.mean(losses)
@@ -211,15 +216,18 @@ def all_finite(tree: Any) -> jax.Array:
 
 
 class Method(NamedTuple):
-    """A registered method: its config class, per-epoch function and how replicas start.
+    """A registered method: everything about it, declared in its one file by one :func:`register` call.
 
-    ``init(key, data, cfg) -> state`` (default: the pretrained model and an SGD state).
+    ``init(key, data, cfg) -> state`` (default: the pretrained model and a fresh optimiser state).
     ``from_scratch`` methods ignore the pretrained models and run under a seed derived from the
     user's (:func:`derived_seed`), so they never replay pretraining's keys. ``targets`` names
     where a method's per-replica target logits come from (one of :data:`TARGET_SOURCES`, or
-    ``None``: it takes none); a study builds them from that source, never from the method's name.
-    ``cost(cfg, num_forget, num_retain)`` counts the example-gradients one replica computes
-    (``None``: unknown), for the papers' cost axis.
+    ``None``: it takes none); a study builds them from that source, never from the method's name;
+    ``prepare_targets(cfg, targets) -> targets`` (optional) applies the config's convention to
+    them (oracle matching's ``mean`` target). ``cost(cfg, num_forget, num_retain)`` counts the
+    example-gradients one replica computes (``None``: unknown), for the papers' cost axis.
+    ``grids`` maps a grid preset's name to this method's grid in it (``{field: values}``, see
+    :mod:`ascent_jax.unlearn.grids`).
     """
 
     name: str
@@ -228,15 +236,23 @@ class Method(NamedTuple):
     init: Callable
     from_scratch: bool
     targets: str | None
-    cost: Callable[[Any, int, int], float] | None = None
+    cost: Callable[[Any, int, int], float] | None
+    grids: dict[str, dict[str, tuple]]
+    prepare_targets: Callable[[Any, np.ndarray], np.ndarray] | None
 
     @property
     def needs_targets(self) -> bool:
         return self.targets is not None
 
+    @property
+    def summary(self) -> str:
+        """The first line of the epoch function's docstring: what one epoch does."""
+        return (self.epoch.__doc__ or "").strip().split("\n", 1)[0]
 
-# Where target logits come from: retrained oracles (held out from KLoM's), or DM-direct's predictions
-TARGET_SOURCES = ("oracles", "datamodels")
+
+# Where target logits come from: retrained oracles (held out from KLoM's), DM-direct's predictions from
+# margin datamodels (the true-class logit moved), or from per-class logit datamodels (the paper's DMM)
+TARGET_SOURCES = ("oracles", "datamodels", "class_datamodels")
 
 
 _METHODS: dict[str, Method] = {}
@@ -244,12 +260,16 @@ _METHODS: dict[str, Method] = {}
 
 def register(name: str, config: type, epoch: Callable, *, init: Callable | None = None,
              from_scratch: bool = False, targets: str | None = None,
-             cost: Callable[[Any, int, int], float] | None = None) -> Method:
+             cost: Callable[[Any, int, int], float] | None = None,
+             grids: dict[str, dict[str, tuple]] | None = None,
+             prepare_targets: Callable[[Any, np.ndarray], np.ndarray] | None = None) -> Method:
     """Register ``epoch`` (pure, one model) under ``name`` with its frozen config dataclass.
 
-    ``targets``: the source of the per-replica target logits it matches (:data:`TARGET_SOURCES`).
-    ``cost(cfg, num_forget, num_retain)``, optional, is the number of example-gradients one
-    replica computes in a run of ``cfg`` (see :func:`relative_cost`).
+    ``targets``: the source of the per-replica target logits it matches (:data:`TARGET_SOURCES`),
+    ``prepare_targets`` the config's convention applied to them. ``cost(cfg, num_forget,
+    num_retain)``, optional, is the number of example-gradients one replica computes in a run of
+    ``cfg`` (see :func:`relative_cost`). ``grids``: ``{preset: {field: values}}``, this method's
+    grid in each preset it takes part in (a study offers the method under those presets).
     """
     if targets is not None and targets not in TARGET_SOURCES:
         raise ValueError(f"targets of method {name!r} must be one of {', '.join(TARGET_SOURCES)} or None, got "
@@ -260,7 +280,14 @@ def register(name: str, config: type, epoch: Callable, *, init: Callable | None 
         raise ValueError(f"an unlearning method named {name!r} is already registered")
     if any(method.config is config for method in _METHODS.values()):
         raise ValueError(f"{config.__name__} is already the config of another method; give {name!r} its own class")
-    method = Method(name, config, epoch, init or start_from_pretrained, from_scratch, targets, cost)
+    fields = {field.name for field in dataclasses.fields(config)}
+    for preset, grid in (grids or {}).items():
+        unknown = sorted(set(grid) - fields)
+        if unknown or not all(isinstance(values, tuple) and values for values in grid.values()):
+            raise ValueError(f"grid {preset!r} of method {name!r} must map fields of {config.__name__} to non-empty "
+                             f"tuples of values" + (f"; it names {', '.join(unknown)}" if unknown else ""))
+    method = Method(name, config, epoch, init or start_from_pretrained, from_scratch, targets, cost,
+                    dict(grids or {}), prepare_targets)
     _METHODS[name] = method
     return method
 
@@ -321,7 +348,7 @@ class UnlearnResult(NamedTuple):
     ``e`` epochs and ``correct[e]`` whether each point is classified correctly then (argmax
     equals the label and the logits are finite); ``metrics[name]`` is ``(epochs, K)``; ``diverged`` ``(K,)`` flags replicas whose
     loss or weights became non-finite, first in epoch ``diverged_epoch`` (1-based; -1 if never);
-    ``variables[e]`` holds stacked variables at each snapshot when asked for, else ``None``.
+    ``variables[e]`` holds stacked variables at the last snapshot ``e`` when asked for, else ``None``.
     """
 
     margins: dict[int, np.ndarray]
@@ -361,25 +388,32 @@ def split_indices(forget: Any, num_points: int) -> tuple[np.ndarray, np.ndarray]
 
 @functools.cache
 def single_model(config: Any, model: Model, norm: train.Normalization, input_shape: tuple[int, ...],
-                 num_forget: int, num_retain: int):
+                 num_forget: int, num_retain: int, num_pool: int | None = None):
     """The single-replica ``(init, epoch)`` that :func:`unlearn` hands to the ensemble runner.
 
     ``init(key, member_input)`` and ``epoch(state, shared, member_input, key, epoch_index)``
-    follow :func:`ascent_jax.ensemble.run`, with ``shared = (images, labels, forget, retain)``
-    and ``member_input`` one replica's :class:`MemberInput`. ``init`` sees the forget and retain
-    sets only as shapes (``jax.ShapeDtypeStruct``). The epoch adds the metric ``nonfinite``
-    (weights or a metric not finite). Cached, so equal runs reuse the compiled program.
+    follow :func:`ascent_jax.ensemble.run`, with ``shared = (images, labels, forget, retain,
+    retain_pool)`` and ``member_input`` one replica's :class:`MemberInput`. ``init`` sees the
+    index sets only as shapes (``jax.ShapeDtypeStruct``). The config's ``optimizer`` (plain SGD
+    for a config with an ``lr`` and no ``optimizer``) is built once; the epoch first sets its rate
+    to ``optimizer.epoch_learning_rate(lr, epoch_index)``. The epoch adds
+    the metric ``nonfinite`` (weights or a metric not finite). Cached, so equal runs reuse the
+    compiled program.
     """
     method = get(config)
-    placeholders = (None, None, jax.ShapeDtypeStruct((num_forget,), jnp.int32),
-                    jax.ShapeDtypeStruct((num_retain,), jnp.int32))
+    spec = getattr(config, "optimizer", PLAIN_SGD if hasattr(config, "lr") else None)
+    optimizer = None if spec is None else spec.build(config.lr)
+    placeholders = (None, None, *(jax.ShapeDtypeStruct((size,), jnp.int32)
+                                  for size in (num_forget, num_retain, num_pool or num_retain)))
 
     def init(key, member):
-        data = UnlearnData(model, norm, input_shape, *placeholders, member.pretrained, member.targets)
+        data = UnlearnData(model, norm, input_shape, optimizer, *placeholders, member.pretrained, member.targets)
         return method.init(key, data, config)
 
     def epoch(state, shared, member, key, epoch_index):
-        data = UnlearnData(model, norm, input_shape, *shared, member.pretrained, member.targets)
+        data = UnlearnData(model, norm, input_shape, optimizer, *shared, member.pretrained, member.targets)
+        if spec is not None:
+            state = set_learning_rate(state, spec.epoch_learning_rate(config.lr, epoch_index))
         state, metrics = method.epoch(state, data, key, epoch_index, config)
         metrics = dict(metrics)
         metrics["nonfinite"] = ~(all_finite(state.variables) & all_finite(metrics))
@@ -389,7 +423,7 @@ def single_model(config: Any, model: Model, norm: train.Normalization, input_sha
 
 
 class _Snapshots:
-    """Margins, correctness (and optionally variables) of every replica at every snapshot epoch.
+    """Margins and correctness of every replica at every snapshot epoch (optionally variables at the last).
 
     Each (chunk, epoch) snapshot is also saved in the store ``directory/snapshots`` when
     checkpointing, so snapshots taken before an interruption are read back after the resume.
@@ -399,7 +433,7 @@ class _Snapshots:
         self.margins = {e: np.full((num_members, num_eval), np.nan, np.float32) for e in epochs}
         self.correct = {e: np.zeros((num_members, num_eval), bool) for e in epochs}
         self.filled = {e: np.zeros(num_members, bool) for e in epochs}
-        self.variables = {e: [None] * num_members for e in epochs} if keep_variables else None
+        self.variables = {max(epochs): [None] * num_members} if keep_variables else None
         self.first_member, self.num_eval, self.tag = first_member, num_eval, tag
         self.store = None if directory is None else ensemble.Store(directory / "snapshots")
 
@@ -412,7 +446,7 @@ class _Snapshots:
         self.margins[epoch][rows] = snapshot["margins"]
         self.correct[epoch][rows] = snapshot["correct"]
         self.filled[epoch][rows] = True
-        if self.variables is not None:
+        if self.variables is not None and epoch in self.variables:
             for position, row in enumerate(rows):
                 self.variables[epoch][row] = jax.tree_util.tree_map(lambda leaf: np.asarray(leaf[position]),
                                                                     snapshot["variables"])
@@ -422,7 +456,7 @@ class _Snapshots:
         real = len(members)
         margins, correct = evaluator.on_devices(variables)
         snapshot = {"margins": margins[:real], "correct": correct[:real]}
-        if self.variables is not None:
+        if self.variables is not None and epoch in self.variables:
             snapshot["variables"] = jax.tree_util.tree_map(lambda leaf: leaf[:real], ensemble.gather(variables))
         self._store(epoch, members, snapshot)
         if self.store is not None:
@@ -464,6 +498,7 @@ def unlearn(
     test_images: np.ndarray | None = None,
     test_labels: np.ndarray | None = None,
     targets: np.ndarray | None = None,
+    target_rows: np.ndarray | None = None,
     num_members: int | None = None,
     first_member: int = 0,
     keep_variables: bool = False,
@@ -475,7 +510,10 @@ def unlearn(
     row i. ``forget`` indexes ``images``. The run lasts ``config.epochs`` epochs; margins are
     taken after each epoch count in ``snapshot_epochs`` (default: the last) on the training
     images followed by ``test_images``, so one run serves every epoch count of a grid.
-    ``targets`` ``(K, n_train, C)``: replica i's target logits (oracle matching).
+    ``targets`` ``(K, n_train, C)``: replica i's target logits (oracle matching), after the
+    method's ``prepare_targets``; ``target_rows`` (optional) are the training indices where they are
+    known (they must hold the forget set; matching methods then sample retain points only there,
+    ``UnlearnData.retain_pool``, and other rows of ``targets`` are never read).
     Replica i is ensemble member ``first_member + i`` with key ``fold_in(key(options.seed), member)``
     (``from_scratch`` methods: ``derived_seed(options.seed, name)``), so a replica's result does
     not depend on K, the chunking or the devices. ``num_members`` is needed only without
@@ -504,15 +542,29 @@ def unlearn(
         raise ValueError(f"first_member must be a non-negative integer, got {first_member!r}")
     if method.from_scratch:
         pretrained = None  # never needed on the device
+    forget, retain = split_indices(forget, len(images))
+    pool = retain
     if method.needs_targets:
         if targets is None:
             raise ValueError(f"method {method.name!r} needs targets: per-replica target logits (K, n_train, C)")
         targets = np.asarray(targets, np.float32)
         if targets.ndim != 3 or targets.shape[:2] != (num_members, len(images)):
             raise ValueError(f"targets must have shape ({num_members}, {len(images)}, classes), got {targets.shape}")
-        if not np.isfinite(targets).all():
+        if target_rows is not None:
+            rows = np.unique(np.asarray(target_rows, np.int64))
+            if rows.size == 0 or rows.min() < 0 or rows.max() >= len(images):
+                raise ValueError(f"target_rows must be indices in [0, {len(images)}), got {np.asarray(target_rows)!r}")
+            if not np.isin(forget, rows).all():
+                raise ValueError("target_rows must contain every forget index (targets are matched on the forget set)")
+            pool = retain[np.isin(retain, rows)]
+            if pool.size == 0:
+                raise ValueError("target_rows hold no retain point; matching needs targets on some retain points")
+            targets = np.where(np.isin(np.arange(len(images)), rows)[None, :, None], targets, 0.0).astype(np.float32)
+        if not np.isfinite(targets[:, np.concatenate([forget, pool])]).all():
             raise ValueError("targets contain non-finite values")
-    elif targets is not None:
+        if method.prepare_targets is not None:
+            targets = np.asarray(method.prepare_targets(config, targets), np.float32)
+    elif targets is not None or target_rows is not None:
         raise ValueError(f"method {method.name!r} takes no targets")
     epochs = config.epochs
     snapshots = sorted({int(e) for e in (snapshot_epochs if snapshot_epochs is not None else [epochs])})
@@ -526,13 +578,12 @@ def unlearn(
         eval_images = np.concatenate([images, np.asarray(test_images)])
         eval_labels = np.concatenate([labels, np.asarray(test_labels)])
 
-    forget, retain = split_indices(forget, len(images))
-    init, epoch = single_model(config, model, norm, tuple(images.shape[1:]), len(forget), len(retain))
+    init, epoch = single_model(config, model, norm, tuple(images.shape[1:]), len(forget), len(retain), len(pool))
     run_options = options.replace(seed=derived_seed(options.seed, method.name)) if method.from_scratch else options
     run_config = {
         "method": method.name, "config": dataclasses.asdict(config), "model": model.name, "norm": norm._asdict(),
         "data": [list(images.shape), ensemble.digest(images), ensemble.digest(labels)],
-        "forget": ensemble.digest(forget), "pretrained": ensemble.tree_digest(pretrained),
+        "forget": ensemble.digest(forget), "pool": ensemble.digest(pool), "pretrained": ensemble.tree_digest(pretrained),
         "targets": None if targets is None else ensemble.digest(targets),
         "eval": [ensemble.digest(eval_images), ensemble.digest(eval_labels)],
         "snapshots": snapshots, "keep_variables": keep_variables,
@@ -548,7 +599,7 @@ def unlearn(
 
     result = ensemble.run(
         init, epoch, run_options, num_members=num_members, first_member=first_member, epochs=epochs,
-        shared=(images, labels, forget, retain), member_inputs=MemberInput(pretrained, targets),
+        shared=(images, labels, forget, retain, pool), member_inputs=MemberInput(pretrained, targets),
         checkpoint_dir=directory, config=run_config, on_epoch=on_epoch, desc=method.name,
     )
     variables = store.complete()

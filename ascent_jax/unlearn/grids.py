@@ -1,11 +1,14 @@
 """Named hyper-parameter grids, expanded as Cartesian products, and a driver that runs them all.
 
-``paper``: App. M of "Ascent Fails to Forget" (GA, GDA, SCRUB), App. D.4 of the
-datamodel-matching paper (fine-tune) and this library's OM grid (Sec. 4.2 of that paper).
-``cpu``: subsets of those values small enough for a CPU study; ``main``: the README's main job
-(GA, GDA, OM); ``quick``: a few configs of every method, for smoke runs. DMM uses OM's grid. Configs that differ only in
-``epochs`` come from ONE run snapshotted at each epoch count (:func:`group_runs`), and every
-config is reported, diverged or not (:func:`sweep`).
+A method declares its grids in its own file (``register(..., grids={preset: {field: values}})``);
+this module only reads the registry. Presets used by the built-in methods: ``paper`` (App. M of
+"Ascent Fails to Forget" for GA, GDA and SCRUB, App. D.4 of the datamodel-matching paper for
+fine-tune, the Adam grid of issue #15 for OM/DMM; every method under its authors' optimiser),
+``benchmark`` (the same grids with plain SGD, as the public KLoM benchmark ran them, so its
+published numbers can be compared), ``cpu`` (smaller, for a CPU study), ``main`` (the README's
+main job) and ``quick`` (smoke runs). Configs that differ only in ``epochs`` come from ONE run
+snapshotted at each epoch count (:func:`group_runs`), and every config is reported, diverged or
+not (:func:`sweep`).
 """
 
 from __future__ import annotations
@@ -21,53 +24,27 @@ import pandas as pd
 from ascent_jax import ensemble
 from ascent_jax.unlearn import base
 
-_GDA_PAPER = {"lr": (5e-5, 5e-4, 1e-3, 5e-3), "epochs": (5, 7, 10), "ascent_epochs": (3, 5),
-              "forget_batch_size": (32, 64)}
-_GDA_CPU = {"lr": (5e-4, 1e-3, 5e-3), "epochs": (5, 10), "ascent_epochs": (3, 5), "forget_batch_size": (64,)}
 
-PRESETS: dict[str, dict[str, dict[str, tuple]]] = {
-    "paper": {
-        "ga": {"lr": (1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 1e-2, 5e-2), "epochs": (1, 3, 5, 7, 10)},
-        "gda": _GDA_PAPER,
-        "scrub": _GDA_PAPER,
-        "finetune": {"lr": (1e-5, 1e-4, 1e-3, 1e-2), "epochs": (1, 3, 5, 7, 10)},
-        "om": {"lr": (1e-4, 1e-3, 1e-2), "epochs": (1, 2, 4, 8)},
-        "dmm": {"lr": (1e-4, 1e-3, 1e-2), "epochs": (1, 2, 4, 8)},
-    },
-    "cpu": {
-        "ga": {"lr": (1e-4, 1e-3, 1e-2, 5e-2), "epochs": (1, 3, 5, 10)},
-        "gda": _GDA_CPU,
-        "scrub": _GDA_CPU,
-        "finetune": {"lr": (1e-4, 1e-3, 1e-2), "epochs": (1, 3, 5, 10)},
-        "om": {"lr": (1e-4, 1e-3, 1e-2), "epochs": (1, 2, 4, 8)},
-        "dmm": {"lr": (1e-4, 1e-3, 1e-2), "epochs": (1, 2, 4, 8)},
-    },
-    "main": {  # the README's main job: enough configs for the selection illusion, OM's rates up to 0.03
-        "ga": {"lr": (1e-3, 1e-2, 5e-2), "epochs": (1, 3, 5)},
-        "gda": {"lr": (1e-3,), "epochs": (3, 5), "ascent_epochs": (3,), "forget_batch_size": (64,)},
-        "om": {"lr": (1e-2, 3e-2), "epochs": (2, 4, 8)},
-    },
-    "quick": {
-        "ga": {"lr": (1e-3, 1e-2), "epochs": (1, 3, 5)},
-        "gda": {"lr": (1e-3,), "epochs": (3, 5), "ascent_epochs": (3,), "forget_batch_size": (64,)},
-        "scrub": {"lr": (1e-3,), "epochs": (3, 5), "ascent_epochs": (3,), "forget_batch_size": (64,)},
-        "finetune": {"lr": (1e-2,), "epochs": (1, 3, 5)},
-        "om": {"lr": (1e-3, 1e-2), "epochs": (1, 2, 4)},
-        "dmm": {"lr": (1e-3, 1e-2), "epochs": (1, 2, 4)},
-    },
-}
+def presets() -> dict[str, dict[str, dict[str, tuple]]]:
+    """``{preset: {method: grid}}`` over every registered method's grids (registration order)."""
+    found: dict[str, dict[str, dict[str, tuple]]] = {}
+    for name in base.names():
+        for preset, grid in base.get(name).grids.items():
+            found.setdefault(preset, {})[name] = grid
+    return found
 
 
 def expand(method: str, preset: str = "paper", **fixed: Any) -> list:
     """Every config of ``preset``'s grid for ``method`` (Cartesian product, first axis slowest).
 
-    ``fixed`` sets hyper-parameters outside the grid, e.g. ``retain_fraction`` for OM.
+    ``fixed`` sets hyper-parameters outside the grid, e.g. ``retain_multiple`` for OM.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown grid preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    if method not in PRESETS[preset]:
-        raise ValueError(f"preset {preset!r} has no grid for {method!r}; it has {', '.join(PRESETS[preset])}")
-    grid = PRESETS[preset][method]
+    known = presets()
+    if preset not in known:
+        raise ValueError(f"unknown grid preset {preset!r}; choose one of {', '.join(known)}")
+    if method not in known[preset]:
+        raise ValueError(f"preset {preset!r} has no grid for {method!r}; it has {', '.join(known[preset])}")
+    grid = known[preset][method]
     config = base.get(method).config
     return [config(**dict(zip(grid, values)), **fixed) for values in itertools.product(*grid.values())]
 

@@ -29,7 +29,7 @@ def do_nothing_init(key, data, cfg):
 
 
 def do_nothing_epoch(state, data, key, epoch_index, cfg):
-    """Identity."""
+    """Nothing: every snapshot is the pretrained model."""
     return state, {}
 
 
