@@ -17,12 +17,20 @@ Recipe (Ilyas et al. 2022, as used by "Attribute-to-Delete" App. D.3 and the for
 
 :func:`dm_direct_margins` is "Attribute-to-Delete" Algorithm C.2 (DM-direct) on margins; DMM
 (Algorithm C.3) is oracle matching with those margins as its target.
+
+The paper's datamodels predict all ``k`` class logits (Eq. 2, ``f_x: Theta -> R^k``):
+:func:`train_outputs` records the logits in the same ensemble run, :func:`fit_class_datamodels`
+fits one datamodel per chosen target point and class (:class:`ClassDatamodels`, scored by
+:func:`class_lds`, saved by :func:`save_class_datamodels`) and :func:`dm_direct_logits` is
+Algorithm C.2 on them.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import time
+import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -31,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
-from ascent_jax import ensemble, train
+from ascent_jax import ensemble, files, train
 from ascent_jax.models import Model
 
 
@@ -77,21 +85,58 @@ def subset_masks(num_models: int, n: int, alpha: float, seed: int) -> np.ndarray
     return masks
 
 
-def train_margins(model: Model, config: train.TrainConfig, images: np.ndarray, labels: np.ndarray,
+class Outputs(NamedTuple):
+    """What :func:`train_outputs` records: ``margins`` ``(M, n)`` float32 and, when asked, eval-mode
+    ``logits`` ``(M, n, C)`` stored as float16 (half the disk and memory; about 3 significant digits)."""
+
+    margins: np.ndarray
+    logits: np.ndarray | None
+
+
+LOGITS_FOLDER = "with-logits"
+
+
+def train_outputs(model: Model, config: train.TrainConfig, images: np.ndarray, labels: np.ndarray,
                   norm: train.Normalization, masks: np.ndarray, options: ensemble.RunOptions, *,
-                  out_dir: str | Path) -> np.ndarray:
-    """Margins ``(M, n)`` of model ``j`` (trained on ``images[masks[j]]``) on every image.
+                  out_dir: str | Path, logits: bool = False) -> Outputs:
+    """Margins ``(M, n)`` of model ``j`` (trained on ``images[masks[j]]``) on every image, and its logits if asked.
 
     One ensemble run of the engine (member ``j`` uses key ``fold_in(key(options.seed), j)``),
     ``options.chunk_size`` models at a time, checkpointed under ``out_dir``; each finished
-    chunk keeps only its margins (:func:`ascent_jax.ensemble.run`'s ``finalize``), so a rerun
-    skips it and the disk holds one chunk's checkpoints at a time.
+    chunk keeps only its outputs (:func:`ascent_jax.ensemble.run`'s ``finalize``), so a rerun
+    skips it and the disk holds one chunk's checkpoints at a time. The margins come from the
+    same evaluator either way, so they are bit-identical with and without ``logits``. A run
+    with ``logits`` keeps its chunks in ``out_dir/with-logits``: the engine's fingerprint
+    does not cover what ``finalize`` returns, so margins-only chunks must never be read as
+    holding logits (nor the other way round).
     """
-    evaluator = train.margin_evaluator(model, norm, images, labels, options)
+    margin_evaluator = train.margin_evaluator(model, norm, images, labels, options)
+    if logits:
+        logits_evaluator = ensemble.Evaluator(train.logits_fn(model, norm), (images,), options)
+
+        def finalize(variables):
+            return {"margins": margin_evaluator.on_devices(variables)[0],
+                    "logits": logits_evaluator.on_devices(variables).astype(np.float16)}
+    else:
+        def finalize(variables):
+            return margin_evaluator.on_devices(variables)[0]
+
+    folder = Path(out_dir) / LOGITS_FOLDER if logits else out_dir
     result = train.train_ensemble(model, config, images, labels, norm, options, num_members=len(masks),
-                                  subsets=_subsets(masks), checkpoint_dir=out_dir,
-                                  finalize=lambda variables: evaluator.on_devices(variables)[0], desc="datamodel models")
-    return np.asarray(result.states, np.float32)
+                                  subsets=_subsets(masks), checkpoint_dir=folder, finalize=finalize,
+                                  desc="datamodel models")
+    if logits:
+        states = result.states
+        return Outputs(np.asarray(states["margins"], np.float32), np.asarray(states["logits"], np.float16))
+    return Outputs(np.asarray(result.states, np.float32), None)
+
+
+def train_margins(model: Model, config: train.TrainConfig, images: np.ndarray, labels: np.ndarray,
+                  norm: train.Normalization, masks: np.ndarray, options: ensemble.RunOptions, *,
+                  out_dir: str | Path) -> np.ndarray:
+    """Margins ``(M, n)`` of model ``j`` (trained on ``images[masks[j]]``) on every image: :func:`train_outputs`
+    without logits."""
+    return train_outputs(model, config, images, labels, norm, masks, options, out_dir=out_dir).margins
 
 
 def _subsets(masks: np.ndarray) -> np.ndarray:
@@ -202,6 +247,7 @@ def fit_datamodels(masks: np.ndarray, outputs: np.ndarray, val_masks: np.ndarray
         cols = slice(lo, lo + target_chunk)
         name = f"targets-{lo:06d}"
         saved = None if store is None else store.load(name, key)
+        chunk_started = time.time()
         if saved is not None:
             w, ratio = saved[0]["weights"], saved[0]["ratio"]
         else:
@@ -213,7 +259,9 @@ def fit_datamodels(masks: np.ndarray, outputs: np.ndarray, val_masks: np.ndarray
         weights.append(w)
         chosen.append(ratio)
         if log is not None:
-            log(f"datamodel fit: targets chunk {number}/{len(starts)} done, {time.time() - started:.0f} s so far")
+            how = "loaded" if saved is not None else f"fitted in {time.time() - chunk_started:.1f} s"
+            log(f"datamodel fit: targets chunk {number}/{len(starts)} done ({how}), "
+                f"{time.time() - started:.0f} s so far")
     matrix = np.concatenate(weights) / std
     bias = y_mean - matrix @ mean
     return Datamodels(matrix.astype(np.float32), bias.astype(np.float32), np.concatenate(chosen))
@@ -306,3 +354,177 @@ def dm_direct_margins(pretrained_margins: np.ndarray, datamodel_matrix: np.ndarr
         raise ValueError(f"pretrained margins have {pretrained.shape[-1]} targets, the datamodel matrix "
                          f"{matrix.shape[0]}")
     return pretrained - matrix[:, forget].sum(axis=1)
+
+
+class ClassDatamodels(NamedTuple):
+    """Per-class linear datamodels of chosen target points: ``logit_c(x_rows[r]; S) ~ matrix[r, c] . 1_S + bias[r, c]``.
+
+    ``rows`` ``(R,)`` int64: positions of the target points in the study subset; ``matrix``
+    ``(R, C, n)`` float32 (entry ``[r, c, i]``: effect of including train point ``i`` on the
+    class-``c`` logit of target ``rows[r]``); ``bias`` and ``ratio`` (the chosen L1 strength
+    as a fraction of ``lambda_max``) ``(R, C)``.
+    """
+
+    rows: np.ndarray
+    matrix: np.ndarray
+    bias: np.ndarray
+    ratio: np.ndarray
+
+    def predict(self, masks: np.ndarray) -> np.ndarray:
+        """Predicted logits ``(models, R, C)`` for training-subset masks ``(models, n)``."""
+        r, c, n = self.matrix.shape
+        return (np.asarray(masks, np.float32) @ self.matrix.reshape(r * c, n).T).reshape(-1, r, c) + self.bias
+
+    def flat(self) -> Datamodels:
+        """The same datamodels as ``R * C`` targets (row ``r * C + c``), in the margin datamodels' form."""
+        r, c, n = self.matrix.shape
+        return Datamodels(self.matrix.reshape(r * c, n), self.bias.reshape(-1), self.ratio.reshape(-1))
+
+
+def _check_rows(rows, n: int) -> np.ndarray:
+    rows = np.asarray(rows)
+    if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer) or len(rows) == 0:
+        raise ValueError(f"rows must be a non-empty 1-D integer array of positions in the study subset, got "
+                         f"shape {rows.shape} of {rows.dtype}")
+    if rows.min() < 0 or rows.max() >= n:
+        raise ValueError(f"rows must lie in [0, {n}), got {rows.min()}..{rows.max()}")
+    if len(np.unique(rows)) != len(rows):
+        raise ValueError("rows contain duplicates")
+    return rows.astype(np.int64)
+
+
+def _row_logits(logits: np.ndarray, rows: np.ndarray, masks: np.ndarray, what: str) -> np.ndarray:
+    """``logits[:, rows]`` as float32 ``(M, R, C)``, once ``logits`` is checked to be ``(M, n, C)`` for ``masks``."""
+    logits = np.asarray(logits)
+    masks = np.asarray(masks)
+    if logits.ndim != 3 or masks.ndim != 2 or logits.shape[:2] != masks.shape:
+        raise ValueError(f"{what} logits must be (M, n, classes) for masks (M, n); got {logits.shape} and {masks.shape}")
+    return np.asarray(logits[:, rows], np.float32)
+
+
+def fit_class_datamodels(masks: np.ndarray, logits: np.ndarray, val_masks: np.ndarray, val_logits: np.ndarray,
+                         rows: np.ndarray, *, ratios=DEFAULT_RATIOS, steps: int = 50, target_chunk: int = 1024,
+                         checkpoint_dir: str | Path | None = None, log=None) -> ClassDatamodels:
+    """Per-class datamodels of the target points ``rows``: :func:`fit_datamodels` on every class logit of each.
+
+    ``logits`` ``(M, n, C)`` (any float dtype; float16 as recorded) of the models trained on
+    ``masks`` ``(M, n)``, ``val_*`` those of the models that pick lambda; ``rows`` are positions
+    ``0..n-1`` of the targets. The ``R * C`` outputs are fitted as one batch of targets, so the
+    fit is chunked, logged and resumable from ``checkpoint_dir`` exactly as :func:`fit_datamodels`.
+    """
+    rows = _check_rows(rows, np.shape(masks)[-1])
+    outputs = _row_logits(logits, rows, masks, "fit")
+    val_outputs = _row_logits(val_logits, rows, val_masks, "validation")
+    if val_outputs.shape[2] != outputs.shape[2]:
+        raise ValueError(f"fit and validation logits have {outputs.shape[2]} and {val_outputs.shape[2]} classes")
+    num_rows, classes = outputs.shape[1:]
+    fitted = fit_datamodels(masks, outputs.reshape(len(outputs), -1), val_masks,
+                            val_outputs.reshape(len(val_outputs), -1), ratios=ratios, steps=steps,
+                            target_chunk=target_chunk, checkpoint_dir=checkpoint_dir, log=log)
+    return ClassDatamodels(rows, fitted.matrix.reshape(num_rows, classes, -1), fitted.bias.reshape(num_rows, classes),
+                           fitted.ratio.reshape(num_rows, classes))
+
+
+def class_lds(datamodels: ClassDatamodels, masks: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """Per-row, per-class LDS ``(R, C)`` on held-out models: :func:`lds` of each class logit of each target row.
+
+    ``logits`` ``(M, n, C)`` of the held-out models trained on ``masks``; row ``r`` is scored
+    against ``logits[:, datamodels.rows[r]]``.
+    """
+    actual = _row_logits(logits, datamodels.rows, masks, "held-out")
+    if actual.shape[2] != datamodels.matrix.shape[1]:
+        raise ValueError(f"held-out logits have {actual.shape[2]} classes, the datamodels {datamodels.matrix.shape[1]}")
+    return lds(datamodels.flat(), masks, actual.reshape(len(actual), -1)).reshape(datamodels.bias.shape)
+
+
+def dm_direct_logits(pretrained_logits: np.ndarray, datamodels: ClassDatamodels,
+                     forget_positions: np.ndarray) -> np.ndarray:
+    """DM-direct ("Attribute-to-Delete" Algorithm C.2) on class logits: ``h(x) = f_x(theta_0) - sum_{i in F} beta_i(x)``.
+
+    ``pretrained_logits`` ``(..., R, C)`` are the pretrained model(s)' logits on the target rows
+    ``datamodels.rows``; ``forget_positions`` as in :func:`dm_direct_margins` (same checks).
+    Returns the predicted oracle logits, same shape as ``pretrained_logits``.
+    """
+    pretrained = np.asarray(pretrained_logits)
+    shape = datamodels.bias.shape
+    if pretrained.shape[-2:] != shape:
+        raise ValueError(f"pretrained logits must end in (rows, classes) = {shape} of the datamodels, got "
+                         f"{pretrained.shape}")
+    flat = pretrained.reshape(*pretrained.shape[:-2], -1)
+    return dm_direct_margins(flat, datamodels.flat().matrix, forget_positions).reshape(pretrained.shape)
+
+
+CLASS_DATAMODEL_KEYS = ("rows", "matrix", "bias", "ratio", "subset", "lds", "provenance")
+
+
+def save_class_datamodels(path: str | Path, datamodels: ClassDatamodels, subset: np.ndarray, provenance: dict, *,
+                          lds: np.ndarray) -> None:
+    """Write ``datamodels`` (fitted on the study ``subset``) with their per-row, per-class ``lds`` ``(R, C)`` and a
+    JSON ``provenance`` as an ``.npz`` (atomically), which :func:`load_class_datamodels` reads and checks."""
+    arrays = {"rows": np.asarray(datamodels.rows, np.int64), "matrix": np.asarray(datamodels.matrix, np.float32),
+              "bias": np.asarray(datamodels.bias, np.float32), "ratio": np.asarray(datamodels.ratio, np.float32),
+              "subset": np.asarray(subset, np.int64), "lds": np.asarray(lds, np.float32),
+              "provenance": np.asarray(json.dumps(provenance, sort_keys=True, default=str))}
+    files.atomic_write(path, lambda handle: np.savez(handle, **arrays))
+
+
+def load_class_datamodels(path: str | Path, subset: np.ndarray) -> ClassDatamodels:
+    """The per-class datamodels of ``path``, checked to be a sound file fitted on the study ``subset``.
+
+    Raises ``FileNotFoundError`` for a missing file and a one-line ``ValueError`` saying what is
+    wrong and how to fix it for anything else; never unpickles.
+    """
+    path = Path(path)
+    what = "pass the class_datamodels.npz that python -m ascent_jax.forget_sets --logits --fit-classes wrote"
+    again = "fit them again with python -m ascent_jax.forget_sets --logits --fit-classes"
+    if not path.exists():
+        raise FileNotFoundError(f"class datamodels file {path} does not exist; {what}")
+    if path.is_dir():
+        raise ValueError(f"class datamodels file {path} is a directory; {what}")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"class datamodels file {path} is not an .npz archive; {what}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in CLASS_DATAMODEL_KEYS if key in archive.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        if "allow_pickle" in str(error):  # numpy's refusal of an object array
+            raise ValueError(f"class datamodels file {path} holds an array of Python objects, which would need "
+                             f"unpickling and is never loaded; {what}") from None
+        raise ValueError(f"class datamodels file {path} is not a readable .npz ({type(error).__name__}); "
+                         f"{what}") from None
+    missing = [key for key in CLASS_DATAMODEL_KEYS if key not in arrays]
+    if missing:
+        raise ValueError(f"class datamodels file {path} lacks {', '.join(map(repr, missing))}; {what}")
+    subset = np.asarray(subset)
+    if arrays["subset"].shape != subset.shape or not np.array_equal(arrays["subset"], subset):
+        raise ValueError(f"the class datamodels in {path} were fitted on another study subset; use the same "
+                         "--subset-size and seed as the forget-sets run that wrote them")
+    rows, matrix = arrays["rows"], arrays["matrix"]
+    if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer) or len(rows) == 0:
+        raise ValueError(f"class datamodels file {path}: rows must be a non-empty 1-D integer array, got shape "
+                         f"{rows.shape} of {rows.dtype}; {again}")
+    if matrix.ndim != 3 or matrix.shape[0] != len(rows) or matrix.shape[2] != len(subset):
+        raise ValueError(f"class datamodels file {path}: matrix has shape {matrix.shape}, expected "
+                         f"({len(rows)}, classes, {len(subset)}) for {len(rows)} rows of a {len(subset)}-point "
+                         f"study subset; {again}")
+    for key in ("matrix", "bias", "ratio", "lds"):
+        expected = matrix.shape if key == "matrix" else matrix.shape[:2]
+        if arrays[key].shape != expected or not np.issubdtype(arrays[key].dtype, np.floating):
+            raise ValueError(f"class datamodels file {path}: {key} has shape {arrays[key].shape} and dtype "
+                             f"{arrays[key].dtype}, expected float {expected}; {again}")
+    for key in ("matrix", "bias", "ratio"):
+        if not np.isfinite(arrays[key]).all():
+            raise ValueError(f"class datamodels file {path}: {key} has non-finite entries; {again}")
+    provenance = arrays["provenance"]
+    try:
+        parsed = json.loads(str(provenance)) if provenance.shape == () and provenance.dtype.kind == "U" else None
+    except json.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"class datamodels file {path}: provenance must be one string holding a JSON object; {again}")
+    try:
+        _check_rows(rows, len(subset))
+    except ValueError as error:
+        raise ValueError(f"class datamodels file {path}: {error}; {again}") from None
+    return ClassDatamodels(rows.astype(np.int64), matrix.astype(np.float32), arrays["bias"].astype(np.float32),
+                           arrays["ratio"].astype(np.float32))

@@ -13,7 +13,10 @@ histograms). User-supplied index files (``.npy`` / ``.txt`` / ``.json``) are val
 trains the datamodel ensemble (chunked, checkpointed, resumable), fits the datamodels (a
 chunk of targets at a time, each saved, so a killed fit resumes too), writes the sets and
 ``report.md`` (LDS, PC variance explained, class histograms) with ``pc_images.png``, the
-most extreme images of each PC.
+most extreme images of each PC. With ``--logits`` the same training run also records every
+model's class logits (``logits.npy``, float16); ``--fit-classes`` then fits per-class datamodels
+("Attribute-to-Delete" Eq. 2: one datamodel per class logit) for every forget-set point and a
+random pool of study points (``class_datamodels.npz``), resumable a chunk of targets at a time.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from ascent_jax.cli import (
     add_engine_arguments,
     check_writable,
     float_where,
+    non_negative_int,
     positive_float,
     positive_int,
     read_run_file,
@@ -53,6 +57,10 @@ from ascent_jax.cli import (
 )
 
 MANIFEST = "forget_sets.json"
+CLASS_DATAMODELS = "class_datamodels.npz"
+# The class-datamodel pool is drawn by default_rng([seed, CLASS_POOL_STREAM]); random set r uses [seed, r].
+CLASS_POOL_STREAM = 1_000_000
+DEFAULT_CLASS_POOL = 1000
 # Below this mean LDS the datamodels barely predict anything and PC-aligned sets are ~random.
 LDS_WARNING = 0.1
 
@@ -371,6 +379,20 @@ def write_sets(out: Path, sets: dict[str, np.ndarray], labels: np.ndarray, num_c
     return manifest
 
 
+def class_rows(sets: dict[str, np.ndarray], subset: np.ndarray, pool: int, seed: int) -> np.ndarray:
+    """Rows of the per-class datamodels: sorted positions in ``subset`` of every point of ``sets`` and of
+    ``pool`` study points drawn uniformly (without replacement) by ``default_rng([seed, CLASS_POOL_STREAM])``.
+
+    The pool is drawn from the whole subset, so it is a plain random sample of study points (it may
+    overlap the sets; the union is taken).
+    """
+    if not 0 <= pool <= len(subset):
+        raise ValueError(f"class-datamodel pool of {pool} points does not fit the study subset of {len(subset)}")
+    drawn = np.random.default_rng([seed, CLASS_POOL_STREAM]).choice(len(subset), pool, replace=False)
+    members = [datamodels.positions_in_subset(subset, indices) for indices in sets.values()]
+    return np.unique(np.concatenate([drawn, *members]).astype(np.int64))
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(part) for part in text.split(",") if part.strip())
@@ -412,8 +434,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=prng_seed, default=0, help="seed of the subset, masks, models and random sets")
     parser.add_argument("--data-dir", default=None, help="folder with the data set files")
     parser.add_argument("--out", default="runs/forget_sets", help="output directory (default runs/forget_sets)")
+    group = parser.add_argument_group("class logits and per-class datamodels")
+    group.add_argument("--logits", action="store_true",
+                       help="also record every model's eval-mode class logits (logits.npy in --out, float16, "
+                            "(models, n, classes)) in the same training run; the margins and sets are unchanged, but "
+                            "the models are trained again if an earlier run in --out did not record logits")
+    group.add_argument("--fit-classes", action="store_true",
+                       help="after the sets are written, fit per-class datamodels (one per class logit) for every "
+                            f"forget-set point and the --class-pool points into --out/{CLASS_DATAMODELS}, a chunk of "
+                            "targets at a time (resumable); needs --logits")
+    group.add_argument("--class-pool", type=non_negative_int, default=None, metavar="P",
+                       help=f"random study points added to the rows of --fit-classes (default {DEFAULT_CLASS_POOL}), "
+                            f"drawn by numpy.random.default_rng([SEED, {CLASS_POOL_STREAM}])")
+    group.add_argument("--class-sets", type=_names, default=None, metavar="NAMES",
+                       help="comma-separated forget sets whose points are rows of --fit-classes (default: all); "
+                            "fewer rows fit faster")
     add_engine_arguments(parser, chunk_default=100)
     return parser.parse_args(argv)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated forget-set names, got {text!r}")
+    return names
 
 
 def _import_sets(args, out: Path) -> int:
@@ -465,7 +509,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     check_writable(out)
     if args.imports:
+        if args.logits or args.fit_classes:
+            raise ValueError("--import copies index files and trains nothing, so --logits and --fit-classes do not "
+                             "apply; drop them (or drop --import)")
         return _import_sets(args, out)
+    _check_class_flags(args)
     options = run_options(args, args.seed)  # first: a distributed run is joined before JAX starts
     info = data.get_info(args.dataset)
     images_all, labels_all = data.load(args.dataset, "train", args.data_dir)
@@ -475,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     biggest = max(r.total for r in recipes)
     if biggest > n:
         raise ValueError(f"the largest forget set has {biggest} points but --subset-size is {n}")
+    class_sets = _chosen_class_sets(args, recipes, n)
     held = max(3, round(args.holdout * args.models))
     fit_models = args.models - 2 * held
     if fit_models < 2:
@@ -501,7 +550,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.models} x {args.model} on {round(args.alpha * n)}-point subsets (alpha {args.alpha}), "
           f"{args.epochs} epochs, {args.chunk_size} at a time; fit on {fit_models}, lambda chosen on {held}, "
           f"LDS on {held} held-out models; run dir {out}", flush=True)
-    margins = datamodels.train_margins(model, config, images, labels, norm, masks, options, out_dir=out / "margins")
+    outputs = datamodels.train_outputs(model, config, images, labels, norm, masks, options, out_dir=out / "margins",
+                                       logits=args.logits)
+    margins = outputs.margins
+    if args.logits:
+        files.atomic_write(out / "logits.npy", lambda h: np.save(h, outputs.logits))
     started = time.time()
     fit, val, test = slice(0, fit_models), slice(fit_models, fit_models + held), slice(fit_models + held, None)
     dm = datamodels.fit_datamodels(masks[fit], margins[fit], masks[val], margins[val], steps=args.fista_steps,
@@ -514,21 +567,96 @@ def main(argv: list[str] | None = None) -> int:
     files.atomic_write(out / "datamodels.npz", lambda h: np.savez(
         h, matrix=dm.matrix, bias=dm.bias, ratio=dm.ratio, lds=scores_lds, scores=components.scores,
         explained=components.explained, subset=subset))
-    if ensemble.is_writer():
-        shutil.rmtree(out / "fit", ignore_errors=True)  # the fit's chunks, now all in datamodels.npz
     sets = build_sets(recipes, subset, components.scores, args.seed)
     provenance["lds"] = mean_lds
     provenance["pc_variance_explained"] = components.explained.tolist()
     manifest = write_sets(out, sets, labels_all, info.num_classes, provenance,
                           {r.name: dataclasses.asdict(r) for r in recipes})
     _plot_pc_images(out / "pc_images.png", images, labels, info.class_names, components.scores, list(args.pcs))
-    report = _report(args, manifest, mean_lds, scores_lds, held, components.explained, info.class_names)
+    class_lines = _fit_classes(args, out, masks, outputs.logits, (fit, val, test), {k: sets[k] for k in class_sets},
+                               subset, provenance, info.class_names) if args.fit_classes else []
+    report = _report(args, manifest, mean_lds, scores_lds, held, components.explained, info.class_names, class_lines)
     files.atomic_write(out / "report.md", lambda h: h.write(report.encode()))
+    if ensemble.is_writer():  # last: a run killed before this point resumes every fit from its saved chunks
+        shutil.rmtree(out / "fit", ignore_errors=True)  # the fit's chunks, now all in datamodels.npz
+        shutil.rmtree(out / "fit-classes", ignore_errors=True)  # and those in class_datamodels.npz
     print(report)
     return 0
 
 
-def _report(args, manifest, mean_lds, scores_lds, held, explained, class_names) -> str:
+def _check_class_flags(args) -> None:
+    """The per-class flags fit together (before anything is loaded or trained)."""
+    if args.fit_classes and not args.logits:
+        raise ValueError("--fit-classes fits datamodels of the class logits, which only a run with --logits records; "
+                         "add --logits")
+    for flag, value in (("--class-pool", args.class_pool), ("--class-sets", args.class_sets)):
+        if value is not None and not args.fit_classes:
+            raise ValueError(f"{flag} chooses the rows of the per-class datamodels; add --fit-classes or drop {flag}")
+
+
+def _class_pool(args) -> int:
+    return DEFAULT_CLASS_POOL if args.class_pool is None else args.class_pool
+
+
+def _chosen_class_sets(args, recipes: list[Recipe], n: int) -> tuple[str, ...]:
+    """The forget sets whose points are rows of ``--fit-classes`` (checked against the recipes)."""
+    names = [r.name for r in recipes]
+    if not args.fit_classes:
+        return ()
+    chosen = tuple(names) if args.class_sets is None else args.class_sets
+    unknown = [name for name in chosen if name not in names]
+    if unknown:
+        raise ValueError(f"--class-sets names unknown forget sets {', '.join(unknown)}; choose from {', '.join(names)}")
+    if _class_pool(args) > n:
+        raise ValueError(f"--class-pool {_class_pool(args)} exceeds the study subset of {n} points; pass at most {n}")
+    return tuple(dict.fromkeys(chosen))
+
+
+def _fit_classes(args, out: Path, masks, logits, splits, sets, subset, provenance, class_names) -> list[str]:
+    """Fit, score and save the per-class datamodels of the points of ``sets`` and the pool; the report's lines."""
+    fit, val, test = splits
+    started = time.time()
+    rows = class_rows(sets, subset, _class_pool(args), args.seed)
+    provenance = {**provenance, "logits_dtype": "float16", "class_sets": list(sets), "class_pool": _class_pool(args),
+                  "class_pool_seed": [args.seed, CLASS_POOL_STREAM]}
+    print(f"per-class datamodels: {len(rows)} rows ({len(rows) * logits.shape[-1]} targets = rows x "
+          f"{logits.shape[-1]} classes) from {len(sets)} forget sets and the random pool", flush=True)
+    cdm = datamodels.fit_class_datamodels(masks[fit], logits[fit], masks[val], logits[val], rows,
+                                          steps=args.fista_steps, checkpoint_dir=out / "fit-classes",
+                                          log=lambda m: print(m, flush=True))
+    scores = datamodels.class_lds(cdm, masks[test], logits[test])
+    lines = _class_lds_lines(scores, rows, sets, subset, class_names, len(masks[test]))
+    provenance = {**provenance, "class_lds": float(np.nanmean(scores)) if np.isfinite(scores).any() else None}
+    datamodels.save_class_datamodels(out / CLASS_DATAMODELS, cdm, subset, provenance, lds=scores)
+    print(f"per-class datamodels fitted in {time.time() - started:.0f} s; {lines[2].replace('**', '')}", flush=True)
+    return lines
+
+
+def _class_lds_lines(scores, rows, sets, subset, class_names, held) -> list[str]:
+    """Markdown: per-class LDS, averaged over all rows, the forget-set rows, each set and the pool."""
+
+    def mean(values) -> str:
+        return f"{np.nanmean(values):.3f}" if np.isfinite(values).any() else "nan"
+
+    in_sets = np.zeros(len(rows), bool)
+    groups = []
+    for name, indices in sets.items():
+        chosen = np.isin(rows, datamodels.positions_in_subset(subset, indices))
+        in_sets |= chosen
+        groups.append((name, chosen))
+    groups = [("all rows", np.ones(len(rows), bool)), ("forget-set rows", in_sets), *groups,
+              ("pool rows not in a set", ~in_sets)]
+    lines = ["## Per-class datamodels", "",
+             f"**Per-class LDS** (Spearman per row and class logit, {held} held-out models): mean {mean(scores)} over "
+             f"{len(rows)} rows; forget-set rows {mean(scores[in_sets])}.", "",
+             "| rows | count | mean | " + " | ".join(class_names) + " |", "|---|---|---|" + "---|" * len(class_names)]
+    for name, chosen in groups:
+        per_class = [mean(scores[chosen, c]) for c in range(scores.shape[1])]
+        lines.append(f"| {name} | {chosen.sum()} | {mean(scores[chosen])} | " + " | ".join(per_class) + " |")
+    return lines + [""]
+
+
+def _report(args, manifest, mean_lds, scores_lds, held, explained, class_names, class_lines=()) -> str:
     lines = [f"# Forget sets: {args.dataset}, {args.models} x {args.model}, alpha {args.alpha}, seed {args.seed}", "",
              f"Study subset: {args.subset_size} class-balanced train points; indices below are into the full train split.",
              "", f"**LDS** (mean Spearman over {np.isfinite(scores_lds).sum()} targets, {held} held-out models): {mean_lds:.3f}"]
@@ -540,7 +668,7 @@ def _report(args, manifest, mean_lds, scores_lds, held, explained, class_names) 
               "| set | size | " + " | ".join(class_names) + " |", "|---|---|" + "---|" * len(class_names)]
     for name, entry in manifest["sets"].items():
         lines.append(f"| {name} | {entry['size']} | " + " | ".join(map(str, entry["class_histogram"])) + " |")
-    lines += ["", "![PC images](pc_images.png)", ""]
+    lines += ["", "![PC images](pc_images.png)", "", *class_lines]
     return "\n".join(lines)
 
 

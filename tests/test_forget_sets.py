@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 
 import numpy as np
 import pytest
 
-from ascent_jax import data, forget_sets
+from ascent_jax import data, datamodels, forget_sets
 from ascent_jax.cli import run_main
 
 
@@ -176,3 +177,87 @@ def test_cli_real_fashion_mnist_tiny(tmp_path, capsys):
     assert run_main(forget_sets.main, args) == 0
     assert "LDS" in capsys.readouterr().out
     assert len(json.loads((tmp_path / "forget_sets.json").read_text())["sets"]) == 9
+
+
+def test_class_rows_are_the_sets_and_a_seeded_pool():
+    subset = np.arange(100, 300, 2)  # 100 study points
+    sets = {"a": np.array([100, 102]), "b": np.array([102, 298])}
+    rows = forget_sets.class_rows(sets, subset, 10, seed=3)
+    assert rows.dtype == np.int64 and np.all(np.diff(rows) > 0)
+    pool = np.random.default_rng([3, forget_sets.CLASS_POOL_STREAM]).choice(100, 10, replace=False)
+    np.testing.assert_array_equal(rows, np.union1d(pool, [0, 1, 99]))
+    np.testing.assert_array_equal(forget_sets.class_rows(sets, subset, 0, seed=3), [0, 1, 99])
+    with pytest.raises(ValueError, match="pool of 101 points"):
+        forget_sets.class_rows(sets, subset, 101, seed=3)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--fit-classes"], "--fit-classes fits datamodels of the class logits, which only a run with --logits records; "
+                        "add --logits"),
+    (["--logits", "--class-pool", "5"], "--class-pool chooses the rows of the per-class datamodels; add --fit-classes "
+                                        "or drop --class-pool"),
+    (["--logits", "--fit-classes", "--class-sets", "set2-random5,set9"],
+     "--class-sets names unknown forget sets set9; choose from set1-random3, set2-random5, set3-random10, set4-pc1-top3, "
+     "set5-pc1-top5, set6-pc1-top5-bottom5, set7-pc2-top3, set8-pc2-top5, set9-pc2-top5-bottom5"),
+    (["--logits", "--fit-classes", "--class-pool", "101"], "--class-pool 101 exceeds the study subset of 100 points; "
+                                                           "pass at most 100"),
+], ids=["fit-classes-without-logits", "pool-without-fit-classes", "unknown-class-set", "pool-too-big"])
+def test_cli_rejects_bad_class_flags_before_any_work(tmp_path, synthetic_data, capsys, extra, message):
+    args = ["--subset-size", "100", "--models", "12", "--random-sizes", "3,5,10", "--top-sizes", "3,5",
+            "--split-size", "5", "--out", str(tmp_path / "run"), *extra]
+    assert run_main(forget_sets.main, args) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_import_refuses_the_class_flags(tmp_path, synthetic_data, capsys):
+    good = tmp_path / "set.txt"
+    good.write_text("1 2")
+    assert run_main(forget_sets.main, ["--import", str(good), "--logits", "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --import copies index files and trains nothing, so --logits and "
+                                               "--fit-classes do not apply; drop them (or drop --import)")
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_logits_keep_the_sets_and_a_killed_class_fit_resumes(tmp_path, synthetic_data, capsys, monkeypatch):
+    base = ["--subset-size", "100", "--models", "12", "--epochs", "1", "--batch-size", "25", "--chunk-size", "6",
+            "--random-sizes", "3,5,10", "--top-sizes", "3,5", "--split-size", "5", "--fista-steps", "30",
+            "--no-progress"]
+    assert run_main(forget_sets.main, [*base, "--out", str(tmp_path / "plain")]) == 0
+    out = tmp_path / "run"
+    args = [*base, "--logits", "--fit-classes", "--class-pool", "10", "--out", str(out)]
+    monkeypatch.setattr(datamodels, "fit_class_datamodels",
+                        functools.partial(datamodels.fit_class_datamodels, target_chunk=100))
+    real, calls = datamodels._lasso_path, []
+
+    def killed_at_third_chunk(x, y, *rest):  # the margin fit is the first call, class chunks follow
+        calls.append(y.shape[1])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(x, y, *rest)
+
+    monkeypatch.setattr(datamodels, "_lasso_path", killed_at_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        forget_sets.main(args)
+    manifest = json.loads((out / "forget_sets.json").read_text())
+    for name, entry in manifest["sets"].items():  # the sets were written before the class fit, as without --logits
+        assert (out / entry["file"]).read_bytes() == (tmp_path / "plain" / entry["file"]).read_bytes(), name
+    logits = np.load(out / "logits.npy")
+    assert logits.dtype == np.float16 and logits.shape == (12, 100, 10)
+    chunks = out / "margins" / datamodels.LOGITS_FOLDER
+    stamps = {p.name: (p / "meta" / "metadata").stat().st_mtime_ns for p in chunks.iterdir()}
+    capsys.readouterr()
+    calls.clear()
+    monkeypatch.setattr(datamodels, "_lasso_path", lambda x, y, *rest: calls.append(y.shape[1]) or real(x, y, *rest))
+    assert run_main(forget_sets.main, args) == 0  # rerun: nothing trained, the margin fit and class chunk 1 reloaded
+    printed = capsys.readouterr().out
+    assert {p.name: (p / "meta" / "metadata").stat().st_mtime_ns for p in chunks.iterdir()} == stamps
+    subset = np.load(out / "study_subset.npy")
+    cdm = datamodels.load_class_datamodels(out / forget_sets.CLASS_DATAMODELS, subset)
+    targets = cdm.matrix.shape[0] * cdm.matrix.shape[1]
+    assert calls == [min(100, targets - lo) for lo in range(100, targets, 100)]
+    assert "targets chunk 2/" in printed and "(loaded)" in printed and "fitted in" in printed
+    for entry in manifest["sets"].values():
+        assert np.isin(datamodels.positions_in_subset(subset, np.load(out / entry["file"])), cdm.rows).all()
+    assert "Per-class LDS" in printed and "forget-set rows" in (out / "report.md").read_text()
+    assert not (out / "fit").exists() and not (out / "fit-classes").exists()
