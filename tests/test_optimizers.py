@@ -13,11 +13,10 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ascent_jax import models, train, unlearn
+from ascent_jax import models, unlearn
 from ascent_jax.ensemble import RunOptions
 from ascent_jax.unlearn import base, grids, matching
 
